@@ -1,0 +1,73 @@
+"""Image quality on RSS magnitude: SSIM (seed 000 Eq. 9), NRMSE (Eq. 12), PSNR.
+
+Torch implementations (differentiable, batched) that match scikit-image's
+``structural_similarity`` (7x7 uniform window, K1=0.01, K2=0.03, sample covariance),
+``normalized_root_mse`` (Euclidean) and ``peak_signal_noise_ratio``, with the data range taken
+as the reference's maximum per image (as fastMRI does per volume). The tests check the match.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x  # [B, H, W]
+
+
+def ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    data_range: torch.Tensor | float | None = None,
+    win_size: int = 7,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Mean SSIM per image, ``[B]`` (``[]`` for unbatched ``[H, W]`` inputs)."""
+    squeeze = pred.dim() == 2
+    p, t = _as_batch(pred).unsqueeze(1), _as_batch(target).unsqueeze(1)  # [B, 1, H, W]
+    if data_range is None:
+        dr = t.flatten(1).amax(dim=1)
+    else:
+        dr = torch.as_tensor(data_range, dtype=p.dtype, device=p.device).expand(p.shape[0])
+    dr = dr.view(-1, 1, 1, 1)
+    w = torch.ones(1, 1, win_size, win_size, dtype=p.dtype, device=p.device) / win_size**2
+    n = win_size**2
+    cov_norm = n / (n - 1)
+    ux, uy = F.conv2d(p, w), F.conv2d(t, w)
+    uxx, uyy, uxy = F.conv2d(p * p, w), F.conv2d(t * t, w), F.conv2d(p * t, w)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    c1, c2 = (k1 * dr) ** 2, (k2 * dr) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    out = s.flatten(1).mean(dim=1)
+    return out[0] if squeeze else out
+
+
+def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Seed 000 Eq. 12: ``||x - x_hat||_2 / ||x||_2`` per image."""
+    p, t = _as_batch(pred), _as_batch(target)
+    out = (p - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1)
+    return out[0] if pred.dim() == 2 else out
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB with the reference's maximum as the peak, per image."""
+    p, t = _as_batch(pred), _as_batch(target)
+    mse = ((p - t) ** 2).flatten(1).mean(dim=1)
+    peak = t.flatten(1).amax(dim=1)
+    out = 10 * torch.log10(peak**2 / mse)
+    return out[0] if pred.dim() == 2 else out
+
+
+def all_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Batch means of SSIM, NRMSE and PSNR as plain floats (for logs and results.json)."""
+    with torch.no_grad():
+        p, t = pred.detach().float(), target.detach().float()
+        return {
+            "ssim": float(ssim(p, t).mean()),
+            "nrmse": float(nrmse(p, t).mean()),
+            "psnr": float(psnr(p, t).mean()),
+        }

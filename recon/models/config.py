@@ -1,0 +1,44 @@
+"""Typed model configuration and the one factory that builds every architecture."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recon.models.denoisers import build_denoiser
+from recon.models.unrolled import MoDL, Unrolled, UnrolledPGD
+
+
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters (defaults: seed 000 Sec. 3.1, MoDL Nu=6, NCG=6, U-Net 481k)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: Literal["modl", "pgd"] = "modl"
+    denoiser: Literal["unet", "resnet"] = "unet"
+    num_unrolls: int = Field(6, ge=1, le=64)
+    cg_iters: int = Field(6, ge=1, le=100)
+    lam_init: float = Field(0.05, gt=0)
+    shared: bool = True
+    unet_chans: int = Field(16, ge=1)
+    unet_pools: int = Field(3, ge=1, le=6)
+    resnet_features: int = Field(64, ge=1)
+    resnet_layers: int = Field(5, ge=2)
+    pgd_step_init: float = Field(0.5, gt=0)
+
+
+def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled:
+    """Build MoDL or unrolled PGD from a :class:`ModelConfig` (keyword overrides allowed)."""
+    cfg = (cfg or ModelConfig()).model_copy(update=overrides) if overrides else (cfg or ModelConfig())
+    cfg = ModelConfig.model_validate(cfg.model_dump())  # re-validate the overrides
+
+    def make():
+        if cfg.denoiser == "unet":
+            return build_denoiser("unet", chans=cfg.unet_chans, num_pools=cfg.unet_pools)
+        return build_denoiser("resnet", features=cfg.resnet_features, num_layers=cfg.resnet_layers)
+
+    if cfg.arch == "modl":
+        den = make() if cfg.shared else [make() for _ in range(cfg.num_unrolls)]
+        return MoDL(den, num_unrolls=cfg.num_unrolls, cg_iters=cfg.cg_iters, lam_init=cfg.lam_init)
+    return UnrolledPGD([make() for _ in range(cfg.num_unrolls)], step_init=cfg.pgd_step_init)

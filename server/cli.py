@@ -1,0 +1,51 @@
+"""The ``fedunroll`` command line: one parser, subcommands registered by the modules that own them.
+
+Heavy imports (torch, flwr, ray) happen inside the handlers, so ``fedunroll --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
+COMMAND_MODULES = [
+    "recon.data.commands",  # synth, prepare
+    "recon.commands",  # train, recon, demo
+    "server.commands",  # simulate, report
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedunroll",
+        description="Federated training of unrolled MRI reconstruction networks across hospitals.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside the module: surface it
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
