@@ -1,0 +1,3 @@
+"""Server-side aggregation: pure maths (``maths``), record names (``records``), and thin Flower
+strategies (``flower``, imports flwr).
+"""

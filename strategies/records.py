@@ -1,0 +1,133 @@
+"""Message record names shared by the server and the clients, and reply validators.
+
+Defined once so that ``server/`` and ``client/`` cannot drift apart. This module imports
+numpy only (no flwr), so a client can validate its own reply before sending it.
+
+Records in a train message (server -> client)
+---------------------------------------------
+``arrays`` (ArrayRecord)
+    The global model, ``state_dict`` order and dtypes.
+``config`` (ConfigRecord)
+    ``server-round`` always; ``fedprox.mu`` (FedProx); ``scaffold.option`` (Scaffold).
+``scaffold.c-global`` (ArrayRecord, Scaffold only)
+    The server control variate c, float arrays keyed like the model's parameters.
+
+Records in a train reply (client -> server)
+-------------------------------------------
+``arrays`` (ArrayRecord)
+    The locally trained model y_k: exactly the keys, shapes and dtypes received.
+``metrics`` (MetricRecord)
+    ``num-examples`` (positive int, the aggregation weight) plus finite scalar metrics.
+``scaffold.c-delta`` (ArrayRecord, Scaffold only)
+    Delta c_k = c_k+ - c_k, same keys/shapes/dtypes as ``scaffold.c-global``.
+``config`` (ConfigRecord, optional)
+    ``site-id`` (str): a readable site name used in logs and rejection records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Real
+
+import numpy as np
+
+# Record names (keys of a Message's RecordDict).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SCAFFOLD_C_GLOBAL = "scaffold.c-global"
+SCAFFOLD_C_DELTA = "scaffold.c-delta"
+NAS_ALPHA = "nas.alpha"
+FAIR_RISK_GAP = "fair.risk-gap"
+
+# Metric keys.
+NUM_EXAMPLES = "num-examples"
+
+# Config keys (namespaced: never a bare ``mu``).
+SERVER_ROUND = "server-round"
+SITE_ID = "site-id"
+FEDPROX_MU = "fedprox.mu"
+SCAFFOLD_OPTION = "scaffold.option"
+TRAIN_LOCAL_STEPS = "train.local-steps"
+TRAIN_LR = "train.lr"
+
+SCAFFOLD_OPTIONS = ("i", "ii")
+
+
+class ReplyError(ValueError):
+    """A client reply that must not be aggregated; the message names the key and the fault."""
+
+
+def validate_reply(
+    reply_arrays: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    *,
+    record: str = ARRAYS,
+) -> None:
+    """Check a reply's arrays against the arrays the server sent.
+
+    Parameters
+    ----------
+    reply_arrays : Mapping[str, np.ndarray]
+        Arrays from the reply (name -> array).
+    reference : Mapping[str, np.ndarray]
+        What the server sent (global model or control variate).
+    record : str
+        Record name used in error messages.
+
+    Raises
+    ------
+    ReplyError
+        On missing or extra keys, a non-array value, a shape or dtype-kind mismatch
+        (float vs integer vs bool), or NaN/inf values.
+    """
+    missing = [k for k in reference if k not in reply_arrays]
+    if missing:
+        raise ReplyError(f"{record}: missing keys {missing}")
+    extra = [k for k in reply_arrays if k not in reference]
+    if extra:
+        raise ReplyError(f"{record}: unexpected keys {extra}")
+    for key, ref in reference.items():
+        value = reply_arrays[key]
+        where = f"{record}[{key!r}]"
+        if not isinstance(value, np.ndarray):
+            raise ReplyError(f"{where}: expected a numpy array, got {type(value).__name__}")
+        if value.shape != ref.shape:
+            raise ReplyError(f"{where}: shape {value.shape} != expected {ref.shape}")
+        if value.dtype.kind != ref.dtype.kind:
+            raise ReplyError(f"{where}: dtype {value.dtype} is not of the kind of {ref.dtype}")
+        if value.dtype.kind in "fc":
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                raise ReplyError(f"{where}: {bad} non-finite value(s) (NaN/inf)")
+
+
+def validate_metrics(metrics: Mapping[str, object]) -> int:
+    """Check a reply's metrics and return its ``num-examples``.
+
+    Parameters
+    ----------
+    metrics : Mapping[str, object]
+        The reply's MetricRecord as a dict.
+
+    Returns
+    -------
+    int
+        The number of examples (the aggregation weight).
+
+    Raises
+    ------
+    ReplyError
+        If ``num-examples`` is missing or not a positive int, or any metric is non-finite.
+    """
+    if NUM_EXAMPLES not in metrics:
+        raise ReplyError(f"{METRICS}: missing {NUM_EXAMPLES!r}")
+    n = metrics[NUM_EXAMPLES]
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
+        raise ReplyError(f"{METRICS}[{NUM_EXAMPLES!r}]: expected a positive int, got {n!r}")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, Real) or not np.isfinite(v):
+                raise ReplyError(f"{METRICS}[{key!r}]: expected finite numbers, got {value!r}")
+    return int(n)
