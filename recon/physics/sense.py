@@ -11,6 +11,8 @@ import torch
 
 from recon.physics.fft import fft2c, ifft2c
 
+RSS_EPS = 1e-12
+
 
 class LinearOp:
     """A linear operator with ``forward``, ``adjoint`` and ``normal = adjoint o forward``."""
@@ -90,8 +92,14 @@ class SenseOp(LinearOp):
         return self.maps * x.unsqueeze(-3)
 
     def rss(self, x: torch.Tensor) -> torch.Tensor:
-        """RSS magnitude of ``S x`` (seed 000 Eq. 9's RSS(x)), ``[B, H, W]`` real."""
-        return torch.sqrt(torch.sum((self.maps * x.unsqueeze(-3)).abs() ** 2, dim=-3))
+        """RSS magnitude of ``S x`` (seed 000 Eq. 9's RSS(x)), ``[B, H, W]`` real.
+
+        Where the maps vanish (outside the ESPIRiT support) the sum is 0 and sqrt has an
+        infinite derivative; the sum is floored at ``RSS_EPS`` so training gradients stay finite
+        (a 1e-6 offset on images normalised to ~1).
+        """
+        energy = torch.sum((self.maps * x.unsqueeze(-3)).abs() ** 2, dim=-3)
+        return torch.sqrt(energy.clamp_min(RSS_EPS))
 
     def to(self, device: torch.device | str) -> SenseOp:
         return SenseOp(self.maps.to(device), self.mask.to(device))

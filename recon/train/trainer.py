@@ -46,11 +46,14 @@ class TrainHooks:
     """Extension points for federated variants (never copies of the loop).
 
     ``regularizer(model) -> scalar`` is added to the loss (FedProx); ``after_backward(model)``
-    edits gradients before the optimiser step (Scaffold's ``- c_k + c``).
+    edits gradients before the optimiser step (Scaffold's ``- c_k + c``); ``after_step(step)``
+    (1-based) runs after each optimiser step and returns True to stop early (validation-based
+    early stopping, e.g. personalization's cross-validation).
     """
 
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None
     after_backward: Callable[[nn.Module], None] | None = None
+    after_step: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -132,6 +135,9 @@ def train(
             result.losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+            if hooks.after_step is not None and hooks.after_step(len(result.losses)):
+                break
+    result.steps = len(result.losses)
     result.seconds = time.perf_counter() - t0
     return result
 
