@@ -46,10 +46,10 @@ def _timeit(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-
 def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: int) -> dict:
     import torch
 
+    from recon.data.sample import Sample
     from recon.models import build_model, count_parameters
     from recon.physics import SenseOp, fft2c, ifft2c
     from recon.train.losses import ssim_loss
-    from recon.data.sample import Sample
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -155,7 +155,8 @@ def main() -> int:
             str(repeats),
         ]
         print(
-            f"[bench_modl] {size}x{size}, {coils} coils, Nu={args.unrolls}, NCG={args.cg_iters} ...",
+            f"[bench_modl] {size}x{size}, {coils} coils, "
+            f"Nu={args.unrolls}, NCG={args.cg_iters} ...",
             file=sys.stderr,
             flush=True,
         )
@@ -163,7 +164,8 @@ def main() -> int:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(
-            f"  forward {row['forward_s'] * 1e3:.1f} ms ({row['forward_over_fft_floor']:.1f}x FFT floor), "
+            f"  forward {row['forward_s'] * 1e3:.1f} ms "
+            f"({row['forward_over_fft_floor']:.1f}x FFT floor), "
             f"forward+backward {row['forward_backward_s'] * 1e3:.1f} ms, "
             f"peak train +{row['peak_train_mb']:.0f} MB",
             file=sys.stderr,

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on CPU with one thread (2-core CI); a CUDA device is added when present."""
+"""Shared fixtures: CPU tests with one thread (2-core CI); a CUDA device is added when present."""
 
 from __future__ import annotations
 

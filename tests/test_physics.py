@@ -8,7 +8,14 @@ import sigpy
 import sigpy.mri
 import torch
 
-from recon.physics import FFTOp, ScaledIdentityPlusNormal, SenseOp, conjugate_gradient, fft2c, ifft2c
+from recon.physics import (
+    FFTOp,
+    ScaledIdentityPlusNormal,
+    SenseOp,
+    conjugate_gradient,
+    fft2c,
+    ifft2c,
+)
 
 DTYPES = [torch.complex64, torch.complex128]
 TOL = {torch.complex64: 1e-5, torch.complex128: 1e-12}

@@ -65,7 +65,5 @@ def collate(samples: list[Sample]) -> Sample:
         torch.stack([s.maps for s in samples]),
         torch.stack([s.target for s in samples]),
         {"items": [s.meta for s in samples]},
-        None
-        if any(s.image is None for s in samples)
-        else torch.stack([s.image for s in samples]),  # type: ignore[misc]
+        None if any(s.image is None for s in samples) else torch.stack([s.image for s in samples]),  # type: ignore[misc]
     )

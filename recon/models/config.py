@@ -30,7 +30,9 @@ class ModelConfig(BaseModel):
 
 def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled:
     """Build MoDL or unrolled PGD from a :class:`ModelConfig` (keyword overrides allowed)."""
-    cfg = (cfg or ModelConfig()).model_copy(update=overrides) if overrides else (cfg or ModelConfig())
+    cfg = (
+        (cfg or ModelConfig()).model_copy(update=overrides) if overrides else (cfg or ModelConfig())
+    )
     cfg = ModelConfig.model_validate(cfg.model_dump())  # re-validate the overrides
 
     def make():

@@ -130,11 +130,11 @@ class ComplexDenoiser(nn.Module):
 def build_denoiser(kind: str, **kwargs: int) -> ComplexDenoiser:
     """Denoiser by name: ``unet`` (chans, num_pools) or ``resnet`` (features, num_layers)."""
     if kind == "unet":
-        net = UNet(chans=kwargs.get("chans", 16), num_pools=kwargs.get("num_pools", 3))
-        return ComplexDenoiser(net, residual=True)
+        unet = UNet(chans=kwargs.get("chans", 16), num_pools=kwargs.get("num_pools", 3))
+        return ComplexDenoiser(unet, residual=True)
     if kind == "resnet":
-        net = ResNet5(features=kwargs.get("features", 64), num_layers=kwargs.get("num_layers", 5))
-        return ComplexDenoiser(net, residual=False)  # ResNet5 carries its own skip
+        res = ResNet5(features=kwargs.get("features", 64), num_layers=kwargs.get("num_layers", 5))
+        return ComplexDenoiser(res, residual=False)  # ResNet5 carries its own skip
     raise ValueError(f"unknown denoiser {kind!r}; choose one of 'unet', 'resnet'")
 
 

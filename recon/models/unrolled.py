@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from recon.models.denoisers import ComplexDenoiser, build_denoiser
+from recon.models.denoisers import ComplexDenoiser
 from recon.physics.cg import conjugate_gradient
 from recon.physics.sense import SenseOp
 

@@ -47,7 +47,7 @@ class SenseOp(LinearOp):
     ----------
     maps : complex tensor ``[B, C, H, W]`` (or ``[C, H, W]``)
         Coil sensitivities ``S``.
-    mask : real tensor broadcastable to ``[B, 1, H, W]``: ``[B, H, W]``, ``[H, W]`` or ``[B, 1, H, W]``
+    mask : real tensor ``[B, H, W]``, ``[H, W]`` or ``[B, 1, H, W]``
         Sampling pattern ``P`` (0/1).
 
     Images are ``[B, H, W]`` complex, k-space ``[B, C, H, W]`` complex.
@@ -106,7 +106,7 @@ class SenseOp(LinearOp):
 
 
 class ScaledIdentityPlusNormal(LinearOp):
-    """``(A^H A + lam I)``: the self-adjoint positive operator of MoDL's data consistency (Eq. 8)."""
+    """``(A^H A + lam I)``: the positive self-adjoint operator of MoDL's DC step (Eq. 8)."""
 
     def __init__(self, op: LinearOp, lam: torch.Tensor | float):
         self.op = op

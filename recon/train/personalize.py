@@ -1,4 +1,4 @@
-"""Client-side personalization by fine-tuning, hyper-parameters chosen by k-fold CV (seed 000 Sec. 3.4).
+"""Client-side personalization: fine-tuning with k-fold CV hyper-parameters (seed 000 Sec. 3.4).
 
 After federated training, a site fine-tunes the global model on its own slices with the training
 SSIM loss (Eq. 9). The two hyper-parameters, the learning rate ``r_fine`` and the number of
@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -64,7 +63,7 @@ class _Subset(Sequence[Sample]):
 
 
 def make_folds(dataset: Sequence[Sample], k: int, seed: int = 0) -> list[list[int]]:
-    """``k`` disjoint index lists covering ``dataset``, grouped by ``meta['file']`` when possible."""
+    """``k`` disjoint index lists covering ``dataset``, grouped by ``meta['file']`` if possible."""
     if len(dataset) < k:
         raise ValueError(f"{k}-fold cross-validation needs at least {k} slices, got {len(dataset)}")
     rng = np.random.default_rng(seed)
@@ -143,17 +142,16 @@ def personalize(
             for held_out in folds:
                 fit = _Subset(train_set, sorted(all_idx - set(held_out)))
                 val = _Subset(train_set, held_out)
-                curves[repr(lr)].append(
-                    _fine_tune_curve(global_model, fit, val, lr, cfg, device)
-                )
+                curves[repr(lr)].append(_fine_tune_curve(global_model, fit, val, lr, cfg, device))
                 bar.update(1)
     mean_curves = {lr: np.mean(c, axis=0).tolist() for lr, c in curves.items()}
     baseline = float(np.mean([c[0] for cs in curves.values() for c in cs]))
-    best_lr, best_epoch, best_score = None, 0, -math.inf
-    for lr, curve in mean_curves.items():
+    best_lr: str | None = None
+    best_epoch, best_score = 0, -math.inf
+    for key, curve in mean_curves.items():
         e = int(np.argmax(curve))
         if curve[e] > best_score:
-            best_lr, best_epoch, best_score = lr, e, float(curve[e])
+            best_lr, best_epoch, best_score = key, e, float(curve[e])
     helps = best_epoch > 0 and best_score > baseline + cfg.min_gain
     report: dict[str, Any] = {
         "grid": {"lrs": list(cfg.lrs), "max_epochs": cfg.max_epochs, "folds": cfg.folds},

@@ -81,15 +81,27 @@ def iterate_batches(
         raise ValueError("cannot train on an empty dataset")
     gen = torch.Generator().manual_seed(seed)
     while True:
-        order = torch.randperm(len(dataset), generator=gen) if shuffle else torch.arange(len(dataset))
+        order = (
+            torch.randperm(len(dataset), generator=gen) if shuffle else torch.arange(len(dataset))
+        )
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size].tolist()
             yield collate([dataset[i] for i in idx])
 
 
 def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
-    show = sys.stderr.isatty() if enabled is None else enabled
-    return tqdm(total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    """A progress bar on stderr; in logs (not a terminal) it prints a line every 30 s at most."""
+    tty = sys.stderr.isatty()
+    show = tty if enabled is None else enabled
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not show,
+        leave=not tty,
+        dynamic_ncols=tty,
+        mininterval=0.1 if tty else 30.0,
+        ascii=not tty,
+    )
 
 
 def train(
@@ -176,9 +188,9 @@ def evaluate(
             curves.append([float(psnr(physics.rss(o), sample.target)[0]) for o in outs])
             image = physics.rss(outs[-1])
         else:
-            out = model(sample.kspace, physics, num_unrolls=num_unrolls)
-            assert isinstance(out, torch.Tensor)
-            image = physics.rss(out)
+            final = model(sample.kspace, physics, num_unrolls=num_unrolls)
+            assert isinstance(final, torch.Tensor)
+            image = physics.rss(final)
         t = sample.target
         rows.append(
             {
@@ -193,7 +205,9 @@ def evaluate(
     out["n"] = len(rows)
     out["per_slice"] = rows
     if curves:
-        out["psnr_per_unroll"] = [sum(c[j] for c in curves) / len(curves) for j in range(len(curves[0]))]
+        out["psnr_per_unroll"] = [
+            sum(c[j] for c in curves) / len(curves) for j in range(len(curves[0]))
+        ]
     if model is not None:
         model.train()
     return out

@@ -1,0 +1,180 @@
+"""``fedunroll synth`` and ``fedunroll prepare``: the data subcommands of the CLI.
+
+:func:`register` adds both to an ``argparse`` sub-parser set; each sets ``args.func`` to a handler
+``(args) -> int`` (the process exit code: 0 ok, 1 bad input, 2 usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Heavy imports (numpy, h5py, sigpy, torch via the package) live in the handlers, so that
+# ``fedunroll --help`` stays instant.
+METHODS = ("espirit", "jsense")
+SPLITS = ("train", "val", "test")
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def is_site_dir(path: Path) -> bool:
+    """A site folder has ``*.h5`` files directly or in ``train/``, ``val/``, ``test/``."""
+    return any(path.glob("*.h5")) or any((path / s).is_dir() for s in SPLITS)
+
+
+def expand_sites(path: Path) -> list[Path]:
+    """``path`` itself if it is a site, else its site sub-folders (e.g. the output of ``synth``)."""
+    if is_site_dir(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_site_dir(p))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write synthetic sites and print one line per site."""
+    from recon.data.synth import generate_sites, get_preset
+
+    if args.sites < 1 or args.slices < 1:
+        _err("--sites and --slices must be >= 1")
+        return 2
+    if args.matrix is not None and args.matrix < 8:
+        _err(f"--matrix must be >= 8 pixels, got {args.matrix}")
+        return 2
+    try:
+        get_preset(args.iid_preset)
+    except ValueError as err:
+        _err(str(err))
+        return 2
+    t0 = time.perf_counter()
+    try:
+        infos = generate_sites(
+            args.out,
+            n_sites=args.sites,
+            n_slices=args.slices,
+            seed=args.seed,
+            matrix=args.matrix,
+            iid=args.iid,
+            iid_preset=args.iid_preset,
+            slices_per_volume=args.slices_per_volume,
+        )
+    except (FileExistsError, ValueError) as err:
+        _err(str(err))
+        return 2
+    dt = time.perf_counter() - t0
+    mode = f"IID ({args.iid_preset})" if args.iid else "non-IID (one distribution per site)"
+    print(
+        f"wrote {len(infos)} synthetic sites to {args.out} in {dt:.1f} s, {mode}, seed {args.seed}"
+    )
+    print(f"{'site':<8}{'preset':<18}{'acq':<13}{'B0':>5}{'coils':>6}{'matrix':>9}  train/val/test")
+    for info in infos:
+        p = info["preset"]
+        n = info["slices"]
+        matrix = "x".join(str(m) for m in p["matrix"])
+        print(
+            f"{info['name']:<8}{p['name']:<18}{info['acquisition']:<13}{p['field_strength']:>4}T"
+            f"{p['num_coils']:>6}{matrix:>9}  {n['train']}/{n['val']}/{n['test']}"
+        )
+    if args.prepare:
+        return _prepare_all([Path(args.out)], "espirit", None, False, not args.no_progress)
+    print(f"next: fedunroll prepare {args.out}   (coil maps, cached per site)")
+    return 0
+
+
+def _prepare_all(
+    roots: list[Path],
+    method: str,
+    calib: int | None,
+    force: bool,
+    progress: bool,
+    workers: int = 1,
+) -> int:
+    from recon.data.prepare import prepare_site
+
+    sites: list[Path] = []
+    for root in roots:
+        if not root.is_dir():
+            _err(f"{root}: field 'site_dir': is not a directory")
+            return 2
+        found = expand_sites(root)
+        if not found:
+            _err(f"{root}: field 'site_dir': no .h5 files (expected {{train,val,test}}/*.h5)")
+            return 1
+        sites += found
+    rc = 0
+    for site in sites:
+        rep = prepare_site(
+            site, method=method, calib=calib, force=force, progress=progress, workers=workers
+        )
+        print(
+            f"{site}: {rep['files']} files, {rep['slices']} slices, maps {method}: "
+            f"{rep['computed']} computed, {rep['reused']} reused, {rep['seconds']:.1f} s "
+            f"-> {rep['cache_dir']}"
+        )
+        for msg in rep["errors"]:
+            _err(msg)
+        if rep["errors"]:
+            print(f"{site}: {len(rep['errors'])} bad file(s) skipped; the others are usable")
+            rc = 1
+        if rep["files"] == 0:
+            _err(f"{site}: field 'site_dir': no usable files")
+            rc = 1
+    return rc
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Validate sites and cache coil maps; non-zero exit if any file is bad."""
+    if args.workers < 1:
+        _err(f"--workers must be >= 1, got {args.workers}")
+        return 2
+    return _prepare_all(
+        [Path(p) for p in args.site_dirs],
+        args.method,
+        args.calib,
+        args.force,
+        not args.no_progress,
+        args.workers,
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``synth`` and ``prepare`` subcommands (handlers in ``args.func``)."""
+    p = subparsers.add_parser(
+        "synth",
+        help="write synthetic multi-coil demo sites (fastMRI layout)",
+        description=(
+            "Write N synthetic hospitals (OUT/site{k}/{train,val,test}/*.h5 + site.json). "
+            "Non-IID: each site has its own anatomy, contrast, field strength, coils, noise and "
+            "matrix (Table 1 of the FL-MRI study); --iid: one distribution split over sites."
+        ),
+    )
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
+    p.add_argument("--slices", type=int, default=50, help="slices per site, all splits (50)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--iid", action="store_true", help="one distribution for all sites")
+    p.add_argument("--iid-preset", default="knee_pdfs_15t", help="distribution used by --iid")
+    p.add_argument("--matrix", type=int, default=None, help="square matrix for all sites (px)")
+    p.add_argument("--slices-per-volume", type=int, default=5, help="slices per file (5)")
+    p.add_argument("--prepare", action="store_true", help="also compute coil maps (ESPIRiT)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    q = subparsers.add_parser(
+        "prepare",
+        help="validate a site's h5 files and cache coil maps",
+        description=(
+            "Validate SITE_DIR/{train,val,test}/*.h5 (or a folder of sites) and compute coil "
+            "maps once per slice, cached in SITE_DIR/.cache/maps-METHOD/. Bad files are "
+            "reported with file and field; the good ones stay usable (exit code 1 if any is bad)."
+        ),
+    )
+    q.add_argument("site_dirs", nargs="+", metavar="SITE_DIR", help="site folder(s)")
+    q.add_argument("--method", choices=METHODS, default="espirit", help="coil-map estimator")
+    q.add_argument("--calib", type=int, default=None, help="calibration width (default 24)")
+    q.add_argument("--force", action="store_true", help="recompute even if cached")
+    q.add_argument("--workers", type=int, default=1, help="parallel processes (1)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_prepare)

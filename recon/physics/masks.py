@@ -1,0 +1,220 @@
+"""Undersampling masks ``P`` for multi-coil k-space ``[C, H, W]`` (``W`` = phase encode).
+
+All masks are float32 numpy arrays ``[H, W]`` of 0/1, deterministic for a seed. The default is
+the paper's pattern (seed 000, Sec. 3.1): R = 4, random phase-encode lines with a fully
+sampled centre of 8% of the lines. Seed the mask of a slice with :func:`slice_seed` so that the
+slice keeps its mask across epochs and federated rounds.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+MASK_KINDS = ("random1d", "equispaced1d", "poisson2d")
+
+
+def _hw(shape: Sequence[int]) -> tuple[int, int]:
+    if len(shape) < 2:
+        raise ValueError(f"mask shape needs at least 2 dims [.., H, W], got {tuple(shape)}")
+    h, w = int(shape[-2]), int(shape[-1])
+    if h < 1 or w < 1:
+        raise ValueError(f"mask shape must be positive, got {(h, w)}")
+    return h, w
+
+
+def _check_accel(accel: float) -> None:
+    if not accel >= 1:
+        raise ValueError(f"acceleration must be >= 1, got {accel}")
+
+
+def num_acs_lines(n: int, acs_frac: float) -> int:
+    """Number of fully sampled central lines: ``round(acs_frac * n)``, clipped to ``[1, n]``."""
+    if not 0 <= acs_frac <= 1:
+        raise ValueError(f"acs_frac must be in [0, 1], got {acs_frac}")
+    return int(min(n, max(1, round(acs_frac * n))))
+
+
+def acs_slice(n: int, acs_frac: float) -> slice:
+    """Index range of the ``num_acs_lines(n, acs_frac)`` central lines of an axis of length ``n``.
+
+    The block is centred on the DC index ``n // 2`` of a centered FFT (fastMRI convention).
+    """
+    n_acs = num_acs_lines(n, acs_frac)
+    start = n // 2 - n_acs // 2
+    return slice(start, start + n_acs)
+
+
+def _lines_to_mask(h: int, cols: np.ndarray) -> np.ndarray:
+    mask = np.zeros((h, cols.size), dtype=np.float32)
+    mask[:, cols] = 1.0
+    return mask
+
+
+def random_1d_mask(
+    shape: Sequence[int], accel: float = 4, acs_frac: float = 0.08, seed: int = 0
+) -> np.ndarray:
+    """Random phase-encode lines with a fully sampled centre (seed 000, Sec. 3.1).
+
+    ``round(W / accel)`` lines in total: the ``round(acs_frac * W)`` central ones plus lines drawn
+    uniformly without replacement from the rest.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        ``[..., H, W]``; only the last two are used.
+    accel : float
+        Acceleration ``R`` (``W / lines``).
+    acs_frac : float
+        Fraction of ``W`` that is fully sampled around the centre.
+    seed : int
+        Seed of the random line choice.
+
+    Returns
+    -------
+    float32 ndarray ``[H, W]`` of 0/1, constant along ``H``.
+    """
+    h, w = _hw(shape)
+    _check_accel(accel)
+    acs = acs_slice(w, acs_frac)
+    cols = np.zeros(w, dtype=bool)
+    cols[acs] = True
+    n_total = max(int(round(w / accel)), int(cols.sum()))
+    rest = np.flatnonzero(~cols)
+    rng = np.random.default_rng(seed)
+    n_extra = min(n_total - int(cols.sum()), rest.size)
+    cols[rng.choice(rest, size=n_extra, replace=False)] = True
+    return _lines_to_mask(h, cols)
+
+
+def equispaced_1d_mask(
+    shape: Sequence[int], accel: float = 4, acs_frac: float = 0.08, seed: int = 0
+) -> np.ndarray:
+    """Equispaced phase-encode lines (random offset) plus a fully sampled centre.
+
+    ``round(W / accel)`` lines in total: the ACS block plus lines equispaced over the other
+    lines (so the spacing is stretched to make up for the ACS, as fastMRI's
+    ``EquispacedMaskFractionFunc``).
+
+    Returns
+    -------
+    float32 ndarray ``[H, W]`` of 0/1.
+    """
+    h, w = _hw(shape)
+    _check_accel(accel)
+    acs = acs_slice(w, acs_frac)
+    n_acs = acs.stop - acs.start
+    cols = np.zeros(w, dtype=bool)
+    cols[acs] = True
+    n_out = max(int(round(w / accel)) - n_acs, 0)  # lines wanted outside the ACS block
+    rest = np.flatnonzero(~cols)
+    if n_out > 0 and rest.size:
+        n_out = min(n_out, rest.size)
+        spacing = rest.size / n_out  # equispaced over the non-ACS lines, so exactly n_out
+        offset = np.random.default_rng(seed).uniform(0, spacing)
+        cols[rest[np.floor(offset + spacing * np.arange(n_out)).astype(int)]] = True
+    return _lines_to_mask(h, cols)
+
+
+def poisson_2d_mask(
+    shape: Sequence[int],
+    accel: float = 4,
+    calib: tuple[int, int] | None = None,
+    seed: int = 0,
+    acs_frac: float = 0.08,
+) -> np.ndarray:
+    """Variable-density Poisson-disc 2D mask via ``sigpy.mri.poisson`` (for 3D-like sampling).
+
+    ``sigpy.mri.poisson`` sometimes cannot meet the acceleration tolerance and raises
+    ``ValueError``; we retry with seeds derived from ``seed`` (still deterministic). Its first
+    call compiles a numba kernel (about 1-2 s).
+
+    Parameters
+    ----------
+    calib : (int, int), optional
+        Fully sampled central box; default ``acs_frac`` of each axis.
+
+    Returns
+    -------
+    float32 ndarray ``[H, W]`` of 0/1.
+    """
+    import sigpy.mri
+
+    h, w = _hw(shape)
+    if not accel > 1:
+        raise ValueError(f"poisson2d needs acceleration > 1, got {accel}")
+    if calib is None:
+        calib = (num_acs_lines(h, acs_frac), num_acs_lines(w, acs_frac))
+    last: ValueError | None = None
+    for attempt in range(10):
+        s = seed if attempt == 0 else zlib.crc32(f"{seed}:retry{attempt}".encode())
+        try:
+            mask = sigpy.mri.poisson((h, w), accel, calib=calib, dtype=np.float32, seed=s)
+        except ValueError as err:  # tolerance not met for this seed
+            last = err
+            continue
+        return np.asarray(mask, dtype=np.float32)
+    raise ValueError(f"poisson2d: no mask for shape {(h, w)} accel={accel} after 10 seeds: {last}")
+
+
+_MAKERS: dict[str, Callable[..., np.ndarray]] = {
+    "random1d": random_1d_mask,
+    "equispaced1d": equispaced_1d_mask,
+}
+
+
+def make_mask(
+    kind: str,
+    shape: Sequence[int],
+    accel: float = 4,
+    acs_frac: float = 0.08,
+    seed: int = 0,
+) -> np.ndarray:
+    """Build a mask by name: ``'random1d'`` (the paper's), ``'equispaced1d'`` or ``'poisson2d'``.
+
+    Returns
+    -------
+    float32 ndarray ``[H, W]`` of 0/1.
+    """
+    if kind == "poisson2d":
+        return poisson_2d_mask(shape, accel, seed=seed, acs_frac=acs_frac)
+    try:
+        maker = _MAKERS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown mask kind {kind!r}; choose one of {', '.join(MASK_KINDS)}"
+        ) from None
+    return maker(shape, accel=accel, acs_frac=acs_frac, seed=seed)
+
+
+def slice_seed(file_name: str, slice_idx: int, base_seed: int = 0) -> int:
+    """Stable per-slice seed (CRC32 of ``file_name``, ``slice_idx`` and ``base_seed``).
+
+    Unlike ``hash()``, it is the same in every process, so a slice keeps its mask across epochs,
+    rounds, workers and restarts.
+    """
+    return zlib.crc32(f"{file_name}\x00{int(slice_idx)}\x00{int(base_seed)}".encode())
+
+
+def acceleration(mask: np.ndarray) -> float:
+    """Effective acceleration ``H * W / (number of sampled points)``."""
+    n = float(np.count_nonzero(mask))
+    return float(mask.size / n) if n else float("inf")
+
+
+def acs_width(mask: np.ndarray) -> int:
+    """Width of the contiguous block of fully sampled columns around the centre ``W // 2``."""
+    m = np.asarray(mask)
+    full = np.all(m != 0, axis=tuple(range(m.ndim - 1))) if m.ndim > 1 else m != 0
+    c = full.size // 2
+    if not full[c]:
+        return 0
+    lo = c
+    while lo > 0 and full[lo - 1]:
+        lo -= 1
+    hi = c
+    while hi + 1 < full.size and full[hi + 1]:
+        hi += 1
+    return hi - lo + 1
