@@ -3,8 +3,6 @@ well-represented site is not made worse."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -20,7 +18,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     generate_sites(root, n_sites=2, n_slices=30, seed=3, matrix=32)  # site0 brain, site1 knee
     torch.manual_seed(0)
     model = build_model(num_unrolls=2, cg_iters=3, unet_chans=8, unet_pools=2)
-    train(model, SiteDataset(root / "site0", "train"), TrainConfig(steps=150, lr=2e-3), progress=False)
+    train(
+        model, SiteDataset(root / "site0", "train"), TrainConfig(steps=150, lr=2e-3), progress=False
+    )
     return root, model
 
 
@@ -44,7 +44,10 @@ def test_unseen_shifted_site_improves(trained) -> None:  # type: ignore[no-untyp
     before_state = {k: v.clone() for k, v in global_model.state_dict().items()}
     cfg = PersonalizeConfig(lrs=(1e-3,), max_epochs=4, folds=3, patience=2)
     model, report = personalize(
-        global_model, SiteDataset(site, "train"), cfg, test_set=SiteDataset(site, "test"),
+        global_model,
+        SiteDataset(site, "train"),
+        cfg,
+        test_set=SiteDataset(site, "test"),
         progress=False,
     )
     print(report["decision"], report["before"], report["after"])
@@ -71,5 +74,7 @@ def test_well_represented_site_not_made_worse(trained) -> None:  # type: ignore[
 def test_guard_keeps_global_model_when_cv_sees_no_gain(trained) -> None:  # type: ignore[no-untyped-def]
     root, global_model = trained
     cfg = PersonalizeConfig(lrs=(1e-3,), max_epochs=1, folds=2, patience=1, min_gain=1.0)
-    model, report = personalize(global_model, SiteDataset(root / "site1", "train"), cfg, progress=False)
+    model, report = personalize(
+        global_model, SiteDataset(root / "site1", "train"), cfg, progress=False
+    )
     assert model is global_model and not report["fine_tune"] and report["n_fine"] == 0
