@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The product's main job on a machine without Docker (see README).
 run: install
-	$(BIN)/fedunroll demo
+	$(BIN)/fedunroll train
 
 lint: install
 	$(BIN)/ruff check .

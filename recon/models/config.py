@@ -16,7 +16,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     arch: Literal["modl", "pgd"] = "modl"
-    denoiser: Literal["unet", "resnet"] = "unet"
+    denoiser: Literal["unet", "resnet", "nas"] = "unet"
     num_unrolls: int = Field(6, ge=1, le=64)
     cg_iters: int = Field(6, ge=1, le=100)
     lam_init: float = Field(0.05, gt=0)
@@ -26,6 +26,12 @@ class ModelConfig(BaseModel):
     resnet_features: int = Field(64, ge=1)
     resnet_layers: int = Field(5, ge=2)
     pgd_step_init: float = Field(0.5, gt=0)
+    # denoiser="nas": a genotype file gives the derived network (its channels/cells win);
+    # without one, the DARTS search network (seed 001 Fig. 2) with softmax-weighted MixedOps.
+    nas_genotype: str | None = None
+    nas_channels: int = Field(16, ge=1)
+    nas_cells: int = Field(3, ge=1)
+    nas_nodes: int = Field(3, ge=1)
 
 
 def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled:
@@ -35,7 +41,16 @@ def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled
     )
     cfg = ModelConfig.model_validate(cfg.model_dump())  # re-validate the overrides
 
+    if cfg.denoiser == "nas" and cfg.nas_genotype is None and not cfg.shared:
+        raise ValueError("model.denoiser='nas' without a genotype (search) needs model.shared=true")
+
     def make():
+        if cfg.denoiser == "nas":
+            from recon.nas.search import build_nas_denoiser
+
+            return build_nas_denoiser(
+                cfg.nas_genotype, cfg.nas_channels, cfg.nas_cells, cfg.nas_nodes
+            )
         if cfg.denoiser == "unet":
             return build_denoiser("unet", chans=cfg.unet_chans, num_pools=cfg.unet_pools)
         return build_denoiser("resnet", features=cfg.resnet_features, num_layers=cfg.resnet_layers)
