@@ -16,7 +16,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     arch: Literal["modl", "pgd"] = "modl"
-    denoiser: Literal["unet", "resnet", "nas"] = "unet"
+    denoiser: Literal["unet", "resnet", "nas", "convex"] = "unet"
     num_unrolls: int = Field(6, ge=1, le=64)
     cg_iters: int = Field(6, ge=1, le=100)
     lam_init: float = Field(0.05, gt=0)
@@ -32,6 +32,10 @@ class ModelConfig(BaseModel):
     nas_channels: int = Field(16, ge=1)
     nas_cells: int = Field(3, ge=1)
     nas_nodes: int = Field(3, ge=1)
+    # denoiser="convex": two-layer conv-ReLU-1x1 blocks with skips (seed 002), trainable layer-wise.
+    convex_blocks: int = Field(4, ge=1)
+    convex_hidden: int = Field(64, ge=1)
+    convex_kernel: int = Field(7, ge=1)
 
 
 def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled:
@@ -51,6 +55,10 @@ def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled
             return build_nas_denoiser(
                 cfg.nas_genotype, cfg.nas_channels, cfg.nas_cells, cfg.nas_nodes
             )
+        if cfg.denoiser == "convex":
+            from recon.models.convex import build_convex_denoiser
+
+            return build_convex_denoiser(cfg.convex_blocks, cfg.convex_hidden, cfg.convex_kernel)
         if cfg.denoiser == "unet":
             return build_denoiser("unet", chans=cfg.unet_chans, num_pools=cfg.unet_pools)
         return build_denoiser("resnet", features=cfg.resnet_features, num_layers=cfg.resnet_layers)

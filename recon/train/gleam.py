@@ -1,0 +1,241 @@
+"""GLEAM greedy training of unrolled networks (seed 004 Alg. 1) and its multi-device form P-GLEAM
+(Alg. 2).
+
+The ``N`` unrolls are split into ``M`` modules of ``N / M`` unrolls. Module ``m`` has its own Adam
+and its own local loss against the reference, Eq. 10: ``min_theta_m L(f_theta_m(DC(x^(m-1))), x)``.
+Its input ``x^(m-1)`` is the *detached* output of module ``m - 1``, so backpropagation never
+leaves a module and only one module's activations are alive at a time (memory scales with
+``N / M`` unrolls, not ``N``).
+
+P-GLEAM places module ``m`` on ``devices[m % D]`` and runs blocks of ``D`` modules: all ``D``
+forwards first (each output detached and moved to the next device), then the ``D`` backward passes
+and updates. On CUDA the backward of module ``m`` is queued asynchronously while module ``m + 1``'s
+work is queued on its own device, so they overlap. Because modules share no trainable weights
+and inputs are detached, the updates are numerically those of GLEAM on one device (Sec. IV-B);
+GLEAM itself is the ``D = 1`` case.
+
+Data-consistency parameters (MoDL's ``lam``, PGD's step sizes ``t_i``) are *frozen* during
+greedy training: they are shared by all modules, so updating them from every module's local loss
+would couple the modules and break the GLEAM == P-GLEAM equivalence. Seed 004 likewise keeps
+``mu`` (Eq. 7) and ``t`` (Eq. 3) as fixed hyper-parameters. Only the denoisers are learned, which
+needs one denoiser per unroll: a shared-weight MoDL (``ModelConfig(shared=True)``) is refused for
+``M > 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from recon.data.sample import Sample
+from recon.models.unrolled import Unrolled
+from recon.physics.sense import SenseOp
+from recon.train.losses import LossFn, get_loss
+from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, _progress, iterate_batches
+
+
+@dataclass
+class GleamResult(TrainResult):
+    """:class:`TrainResult` whose ``losses`` are the last module's (the network output's) local
+    losses, plus every module's local loss per step (``module_losses[step][m]``)."""
+
+    num_modules: int = 1
+    module_losses: list[list[float]] = field(default_factory=list)
+
+
+def split_modules(num_unrolls: int, num_modules: int) -> list[range]:
+    """Unroll indices of each of the ``M`` modules (contiguous, ``N / M`` each)."""
+    if not 1 <= num_modules <= num_unrolls or num_unrolls % num_modules:
+        raise ValueError(
+            f"GLEAM needs num_modules M dividing num_unrolls N = {num_unrolls} "
+            f"(1 <= M <= N), got M = {num_modules}"
+        )
+    size = num_unrolls // num_modules
+    return [range(m * size, (m + 1) * size) for m in range(num_modules)]
+
+
+def unroll_denoisers(model: Unrolled, num_modules: int) -> list[nn.Module]:
+    """The denoiser of each unroll; a clear error when unrolls share one and ``M > 1``."""
+    dens = getattr(model, "denoisers", None)
+    if not isinstance(dens, nn.ModuleList):
+        raise TypeError(
+            f"GLEAM needs an unrolled model with .denoisers, got {type(model).__name__}"
+        )
+    if len(dens) == model.num_unrolls:
+        return list(dens)
+    if num_modules == 1:  # one module = end-to-end with frozen DC: sharing is harmless
+        return [dens[0]] * model.num_unrolls
+    raise ValueError(
+        "GLEAM trains each module's own weights, but this model shares one denoiser across its "
+        f"{model.num_unrolls} unrolls; build it with ModelConfig(shared=False) "
+        "(build_model(..., shared=False)) or use num_modules=1"
+    )
+
+
+def _per_module(value: object, default: object, num_modules: int, name: str) -> list:
+    if value is None:
+        return [default] * num_modules
+    if isinstance(value, str | int | float):
+        return [value] * num_modules
+    values = list(value)  # type: ignore[call-overload]
+    if len(values) != num_modules:
+        raise ValueError(f"{name} has {len(values)} entries for {num_modules} modules")
+    return values
+
+
+def train_gleam(
+    model: Unrolled,
+    dataset: Sequence[Sample],
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    hooks: TrainHooks | None = None,
+    progress: bool | None = None,
+    *,
+    num_modules: int | None = None,
+    devices: Sequence[torch.device | str] | None = None,
+    lrs: float | Sequence[float] | None = None,
+    losses: str | Sequence[str] | None = None,
+    desc: str = "gleam",
+) -> GleamResult:
+    """Greedy module-wise training, seed 004 Alg. 1 (one device) / Alg. 2 (``devices``).
+
+    Parameters
+    ----------
+    model : Unrolled
+        MoDL with one denoiser per unroll (``shared=False``) or unrolled PGD.
+    cfg : TrainConfig
+        Steps, batch size, seed, clipping, weight decay; ``lr`` and ``loss`` are the per-module
+        defaults.
+    device : device
+        Where the model lives afterwards and, without ``devices``, where it trains.
+    hooks : TrainHooks, optional
+        ``regularizer(model)`` is added to every module's local loss (FedProx; only the module's
+        weights receive its gradient). ``after_backward(model)`` runs before each module's
+        optimiser step and sees only that module's gradients (other ``.grad`` are ``None``), so
+        Scaffold's correction applies per module.
+    num_modules : int, optional
+        ``M`` (default ``N``: one unroll per module); must divide ``N``.
+    devices : list of devices, optional
+        P-GLEAM: module ``m`` runs on ``devices[m % D]`` (the same device may repeat).
+    lrs, losses : scalar / name or one per module, optional
+        Per-module learning rates and local losses (names of :func:`get_loss`).
+    """
+    torch.manual_seed(cfg.seed)
+    hooks = hooks or TrainHooks()
+    n_mod = model.num_unrolls if num_modules is None else num_modules
+    groups = split_modules(model.num_unrolls, n_mod)
+    denoisers = unroll_denoisers(model, n_mod)
+    devs = [torch.device(d) for d in (devices or [device])]
+    mod_dev = [devs[m % len(devs)] for m in range(n_mod)]
+    loss_fns: list[LossFn] = [get_loss(n) for n in _per_module(losses, cfg.loss, n_mod, "losses")]
+    lr_list = [float(v) for v in _per_module(lrs, cfg.lr, n_mod, "lrs")]
+
+    # Module parameters (disjoint); everything else (lam, t_i) is frozen data consistency.
+    model.to(devs[0]).train()
+    params: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
+    for m, group in enumerate(groups):
+        ps = []
+        for i in group:
+            denoisers[i].to(mod_dev[m])
+            ps += [p for p in denoisers[i].parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in denoisers[i].parameters())
+        params.append(ps)
+    frozen = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+    if len(set(mod_dev)) > 1:
+        # Frozen scalars as CPU tensors mix with tensors on any device (lam * z on cuda:1).
+        for p in frozen:
+            p.data = p.data.cpu()
+    opts = [
+        torch.optim.Adam(ps, lr=lr, weight_decay=cfg.weight_decay)
+        for ps, lr in zip(params, lr_list)
+    ]
+    steps = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    batches = iterate_batches(dataset, cfg.batch_size, cfg.seed)
+    result = GleamResult(steps=steps, num_modules=n_mod)
+    for p in frozen:
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    try:
+        with _progress(steps, desc, progress) as bar:
+            for step in range(steps):
+                sample = next(batches)
+                step_losses = _gleam_step(
+                    model,
+                    sample,
+                    groups,
+                    mod_dev,
+                    params,
+                    opts,
+                    loss_fns,
+                    hooks,
+                    cfg,
+                    step,
+                    len(devs),
+                )
+                result.module_losses.append(step_losses)
+                result.losses.append(step_losses[-1])
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.to(device)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _gleam_step(
+    model: Unrolled,
+    sample: Sample,
+    groups: list[range],
+    mod_dev: list[torch.device],
+    params: list[list[nn.Parameter]],
+    opts: Sequence[torch.optim.Optimizer],
+    loss_fns: list[LossFn],
+    hooks: TrainHooks,
+    cfg: TrainConfig,
+    step: int,
+    block_size: int,
+) -> list[float]:
+    """One mini-batch through all modules in blocks of ``D = block_size`` (Alg. 2 lines 2-14;
+    Alg. 1 when ``D = 1``)."""
+    data = {d: sample.to(d) for d in set(mod_dev)}
+    ops = {d: SenseOp(s.maps, s.mask) for d, s in data.items()}
+    x = model.init(data[mod_dev[0]].kspace, ops[mod_dev[0]])  # x^(0) = A^H y, no weights
+    detached: list[torch.Tensor] = []
+    for start in range(0, len(groups), block_size):
+        block = range(start, min(start + block_size, len(groups)))
+        pending: list[torch.Tensor] = []
+        for m in block:  # Alg. 2 lines 3-8: forwards, each output detached and sent on
+            d = mod_dev[m]
+            x = x.detach().to(d)
+            for i in groups[m]:
+                x = model.step(i, x, data[d].kspace, ops[d])
+            loss = loss_fns[m](x, data[d], ops[d])
+            if hooks.regularizer is not None:
+                loss = loss + hooks.regularizer(model).to(loss.device)
+            pending.append(loss)
+            x = x.detach()
+        for m, loss in zip(block, pending):  # lines 9-13: per-module backward and update
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite GLEAM loss in module {m} at step {step} (slice {sample.meta}); "
+                    "lower the learning rate or check the data"
+                )
+            model.zero_grad(set_to_none=True)  # the hook must see this module's grads only
+            loss.backward(inputs=params[m])
+            if hooks.after_backward is not None:
+                hooks.after_backward(model)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params[m], cfg.grad_clip)
+            opts[m].step()
+            opts[m].zero_grad(set_to_none=True)
+            detached.append(loss.detach())
+        del pending, loss  # free the finished modules' graphs before the next block
+    return [float(v) for v in detached]

@@ -1,0 +1,65 @@
+"""One entry point for a site's local training, whatever the method (run config ``train.method``).
+
+``e2e`` (seed 000, Eq. 9), ``checkpoint`` (end-to-end with one checkpoint per unroll, seed 004),
+``gleam`` (greedy modules, seed 004 Alg. 1 / 2) and ``layerwise`` (convex blocks, seed 002) share
+the signature of :func:`recon.train.trainer.train` and the same :class:`TrainHooks`, so FedProx
+and Scaffold work with each of them; a site with a small GPU can pick a memory-efficient method
+and still join a federation of the same architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import torch
+
+from recon.data.sample import Sample
+from recon.models.unrolled import Unrolled
+from recon.train.checkpointing import train_checkpointed
+from recon.train.gleam import train_gleam
+from recon.train.layerwise import train_layerwise
+from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, train
+
+Method = Literal["e2e", "gleam", "checkpoint", "layerwise"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+# Keyword options each method accepts (anything else is an error naming the key).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "e2e": (),
+    "checkpoint": (),
+    "gleam": ("num_modules", "devices", "lrs", "losses"),
+    "layerwise": ("loss", "steps_per_block"),
+}
+
+
+def local_train(
+    method: str,
+    model: Unrolled,
+    dataset: Sequence[Sample],
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    hooks: TrainHooks | None = None,
+    progress: bool | None = None,
+    **method_kwargs: Any,
+) -> TrainResult:
+    """Train ``model`` in place with ``method`` and return its :class:`TrainResult`.
+
+    ``method_kwargs`` are the method's own options (:data:`METHOD_OPTIONS`), e.g.
+    ``local_train("gleam", model, ds, cfg, num_modules=3)``.
+    """
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown training method {method!r}; choose one of {list(METHODS)}")
+    unknown = sorted(set(method_kwargs) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        allowed = list(METHOD_OPTIONS[method]) or "none"
+        raise TypeError(
+            f"training method {method!r} got unknown options {unknown}; allowed: {allowed}"
+        )
+    if method == "e2e":
+        return train(model, dataset, cfg, device, hooks, progress)
+    if method == "checkpoint":
+        return train_checkpointed(model, dataset, cfg, device, hooks, progress)
+    if method == "gleam":
+        return train_gleam(model, dataset, cfg, device, hooks, progress, **method_kwargs)
+    return train_layerwise(model, dataset, cfg, device, hooks, progress, **method_kwargs)
