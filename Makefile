@@ -10,7 +10,9 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install run test lint format bench clean
+COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+.PHONY: install run test lint format bench clean docker compose
 
 install: $(STAMP)
 
@@ -38,6 +40,14 @@ test: install lint
 
 bench: install
 	$(BIN)/python benchmarks/bench_modl.py --out benchmarks/results/modl.json
+
+# Docker engine (started if none answers), Debian base image, offline wheelhouse, project image.
+docker: install
+	bash deploy/ci-docker.sh
+
+# The multi-site federation of docker-compose.yml, to completion.
+compose:
+	$(COMPOSE) up --exit-code-from run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
