@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# Modules exposing ``register(subparsers)``; each adds its subcommands with ``set_defaults(func=...)``.
+# Modules exposing ``register(subparsers)``; each adds subcommands with ``set_defaults(func=...)``.
 COMMAND_MODULES = [
     "recon.data.commands",  # synth, prepare
     "recon.commands",  # train, recon, demo

@@ -1,0 +1,270 @@
+"""The hospital side: a Flower ClientApp that trains and evaluates the global model locally.
+
+Only model arrays, Scaffold's Delta c_k and scalar metrics leave the site (records named in
+:mod:`strategies.records`); k-space, images and coil maps never enter a reply. A site whose data
+are bad replies with an error naming the file and field; the federation goes on without it.
+
+Train message -> reply (seed 000 Sec. 3.3, Algorithm 1):
+
+1. load x (``arrays``) into the model, the site's training slices (cached per process);
+2. ``train.local-steps`` Adam steps of :func:`recon.train.train`, with FedProx's proximal term
+   (``fedprox.mu`` in the config) or Scaffold's gradient correction ``g - c_k + c``
+   (``scaffold.c-global`` record) as hooks;
+3. Scaffold: new c_k (option (i) or (ii)), kept in ``context.state`` and on the site's disk;
+4. reply ``arrays`` (y_k), ``metrics`` (``num-examples``, losses, SSIM/NRMSE/PSNR of y_k on
+   the site's validation slices, seconds), ``config`` (``site-id``), ``scaffold.c-delta``.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Mapping
+from logging import ERROR
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from flwr.common.constant import ErrorCode
+
+from client.control import forget_run, load_control, save_control
+from client.site import Site, load_split, resolve_site
+from recon.data.sample import collate
+from recon.models import Unrolled, build_model
+from recon.physics.sense import SenseOp
+from recon.train import TrainHooks, evaluate, get_loss, train
+from server.config import (
+    MSG_EVAL_SPLIT,
+    MSG_RUN_DONE,
+    MSG_RUN_UID,
+    RunConfig,
+    parse_run_config,
+)
+from strategies import maths
+from strategies.flower import to_numpy, to_record
+from strategies.records import (
+    ARRAYS,
+    CONFIG,
+    FEDPROX_MU,
+    METRICS,
+    NUM_EXAMPLES,
+    SCAFFOLD_C_DELTA,
+    SCAFFOLD_C_GLOBAL,
+    SCAFFOLD_OPTION,
+    SERVER_ROUND,
+    SITE_ID,
+)
+
+app = ClientApp()
+
+_ZERO_FILLED: dict[tuple[Any, ...], dict[str, float]] = {}
+
+
+def round_seed(base: int, server_round: int, site_id: str) -> int:
+    """Seed of one site's local training in one round: reproducible, so resume is exact."""
+    return zlib.crc32(f"{base}/{server_round}/{site_id}".encode()) & 0x7FFFFFFF
+
+
+def _setup(context: Context) -> tuple[RunConfig, Site]:
+    torch.set_num_threads(1)  # clients share the cores; 1 thread each is fastest (notes)
+    cfg = parse_run_config(dict(context.run_config))
+    return cfg, resolve_site(dict(context.node_config), cfg)
+
+
+def _load_model(cfg: RunConfig, record: ArrayRecord, device: str) -> Unrolled:
+    model = build_model(cfg.model.to_model_config())
+    model.load_state_dict(record.to_torch_state_dict(), strict=True)
+    return model.to(device)
+
+
+def _state_record(model: torch.nn.Module) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def _summary(result: Mapping[str, object], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(result[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
+
+
+def _error_reply(msg: Message, site: str, exc: BaseException) -> Message:
+    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
+    reason = f"site {site}: {type(exc).__name__}: {exc}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _reply(msg: Message, site: Site, metrics: dict[str, Any], **arrays: ArrayRecord) -> Message:
+    content = RecordDict(
+        {
+            **arrays,
+            METRICS: MetricRecord(metrics),
+            CONFIG: ConfigRecord({SITE_ID: site.site_id}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _gradient_at(
+    model: Unrolled, data: Any, cfg: RunConfig, reference: Mapping[str, np.ndarray], device: str
+) -> dict[str, np.ndarray]:
+    """g_k(x): the mean loss gradient over the first ``scaffold.grad-slices`` slices at x.
+
+    Keyed like ``reference`` (c); arrays without a gradient (buffers) get zeros.
+    """
+    loss_fn = get_loss(cfg.train.loss)
+    params = dict(model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    n = min(cfg.scaffold.grad_slices, len(data))
+    for i in range(n):
+        sample = collate([data[i]]).to(device)
+        physics = SenseOp(sample.maps, sample.mask)
+        (loss_fn(model(sample.kspace, physics), sample, physics) / n).backward()  # type: ignore[arg-type]
+    out = {}
+    for k, ref in reference.items():
+        grad = params[k].grad if k in params else None
+        out[k] = np.zeros_like(ref) if grad is None else grad.detach().cpu().numpy()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _scaffold_hook(
+    model: Unrolled, c_global: Mapping[str, np.ndarray], c_local: Mapping[str, np.ndarray]
+) -> tuple[Callable[[torch.nn.Module], None], dict[str, torch.Tensor]]:
+    """``after_backward`` adding ``c - c_k`` to the gradients (seed 000 Alg. 1 line 6).
+
+    Also sums the corrected gradients, from which option (ii) is computed.
+    """
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    corr = {
+        k: torch.as_tensor(np.asarray(c_global[k] - c_local[k])).to(device)
+        for k in c_global
+        if k in params
+    }
+    grad_sum = {k: torch.zeros_like(params[k]) for k in corr}
+
+    def after_backward(_: torch.nn.Module) -> None:
+        for k, d in corr.items():
+            p = params[k]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(d)
+            grad_sum[k].add_(p.grad)
+
+    return after_backward, grad_sum
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Local training of the received global model; see the module docstring."""
+    site_name = str(
+        context.node_config.get("site-id", context.node_config.get("partition-id", "?"))
+    )
+    try:
+        cfg, site = _setup(context)
+        site_name = site.site_id
+        return _train(msg, context, cfg, site)
+    except Exception as exc:  # a site's failure is its reply, never a crash of the federation
+        return _error_reply(msg, site_name, exc)
+
+
+def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
+    t0 = time.perf_counter()
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    server_round = int(config.get(SERVER_ROUND, 1))  # type: ignore[arg-type]
+    run_uid = str(config.get(MSG_RUN_UID, "run"))
+    data = load_split(site, cfg, "train")
+    model = _load_model(cfg, msg.content[ARRAYS], site.device)  # type: ignore[arg-type]
+    x = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global model
+    hooks = TrainHooks()
+
+    mu = float(config.get(FEDPROX_MU, 0.0))  # type: ignore[arg-type]
+    if mu > 0:  # FedProx (Li et al. 2020, eq. 2)
+
+        def regularizer(m: torch.nn.Module) -> torch.Tensor:
+            return maths.proximal_term(dict(m.named_parameters()), x, mu)
+
+        hooks.regularizer = regularizer
+
+    scaffold = SCAFFOLD_C_GLOBAL in msg.content.array_records
+    extra: dict[str, ArrayRecord] = {}
+    if scaffold:
+        option = str(config.get(SCAFFOLD_OPTION, cfg.scaffold.option))
+        c_global = to_numpy(msg.content.array_records[SCAFFOLD_C_GLOBAL])
+        c_local, loaded_round = load_control(
+            context.state, site.path, run_uid, server_round, c_global
+        )
+        grad_x = _gradient_at(model, data, cfg, c_global, site.device) if option == "i" else None
+        hooks.after_backward, grad_sum = _scaffold_hook(model, c_global, c_local)
+
+    seed = round_seed(cfg.train.seed, server_round, site.site_id)
+    steps = cfg.local_steps
+    result = train(model, data, cfg.train.train_config(steps, seed), site.device, hooks, False)
+
+    if scaffold:
+        lr = cfg.train.lr
+        x_np = {k: v.cpu().numpy() for k, v in x.items()}
+        # Alg. 1 line 7 (ii) is c_k - c + (x - y_k) / (K eta_l). With plain SGD,
+        # (x - y_k) / (K eta_l) is exactly the mean corrected gradient; with Adam (the paper's
+        # local optimiser) the displacement is rescaled per coordinate, so we pass the
+        # displacement SGD would have made: y_sgd = x - eta_l * sum of corrected gradients.
+        y_sgd = {k: np.asarray(x_np[k] - lr * g.cpu().numpy()) for k, g in grad_sum.items()}
+        c_new, c_delta = maths.scaffold_client_control_update(
+            option,
+            c_local=c_local,
+            c_global=c_global,
+            x_global=x_np,
+            y_local={**x_np, **y_sgd},
+            local_steps=steps,
+            lr=lr,
+            grad_at_global=grad_x,
+        )
+        save_control(context.state, site.path, run_uid, server_round, c_new, loaded_round)
+        extra[SCAFFOLD_C_DELTA] = to_record(c_delta)
+
+    val = evaluate(model, load_split(site, cfg, "val"), site.device)
+    metrics = {
+        NUM_EXAMPLES: len(data),
+        "train-loss": result.mean_loss,
+        "train-final-loss": result.final_loss,
+        "steps": result.steps,
+        **_summary(val),
+        "train-seconds": result.seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    return _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """SSIM / NRMSE / PSNR of the received model (and of zero-filled) on the site's slices."""
+    site_name = str(
+        context.node_config.get("site-id", context.node_config.get("partition-id", "?"))
+    )
+    try:
+        cfg, site = _setup(context)
+        site_name = site.site_id
+        t0 = time.perf_counter()
+        config = msg.content.config_records.get(CONFIG, ConfigRecord())
+        split = str(config.get(MSG_EVAL_SPLIT, "val"))
+        if split not in ("val", "test"):
+            raise ValueError(f"config {MSG_EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
+        data = load_split(site, cfg, split)
+        model = _load_model(cfg, msg.content[ARRAYS], site.device)  # type: ignore[arg-type]
+        result = evaluate(model, data, site.device)
+        zf_key = (str(site.path.resolve()), split, cfg.data.mask, cfg.data.accel, cfg.data.seed)
+        if zf_key not in _ZERO_FILLED:
+            _ZERO_FILLED[zf_key] = _summary(evaluate(None, data, site.device), "zf-")
+        metrics = {
+            NUM_EXAMPLES: len(data),
+            **_summary(result),
+            **_ZERO_FILLED[zf_key],
+            "seconds": time.perf_counter() - t0,
+        }
+        if config.get(MSG_RUN_DONE):
+            forget_run(context.state, site.path, str(config.get(MSG_RUN_UID, "run")))
+        return _reply(msg, site, metrics)
+    except Exception as exc:
+        return _error_reply(msg, site_name, exc)

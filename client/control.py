@@ -1,0 +1,137 @@
+"""Scaffold's client control variate c_k: kept in ``context.state`` and on the site's disk.
+
+``context.state`` lives as long as the Flower run on this node; the disk copy lets a killed run
+resume (a new Flower run with an empty state) to the same result. Files are tagged with the
+round they were produced in and with the run's uid, so a resumed round ``r`` reads the c_k of
+the round before ``r`` even if a crash happened after some sites had already saved round ``r``::
+
+    <site>/.fedunroll/<run uid>/scaffold_c.r000003.npz     (written atomically)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from strategies.flower import to_numpy, to_record
+
+STATE_ARRAYS = "scaffold.c-local"
+STATE_META = "scaffold.c-local-meta"
+_FILE = re.compile(r"^scaffold_c\.r(\d{6})\.npz$")
+
+
+def _folder(site_path: Path, run_uid: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run"
+    return site_path / ".fedunroll" / safe
+
+
+def _saved_rounds(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _FILE.match(p.name)))
+
+
+def load_control(
+    state: RecordDict,
+    site_path: Path,
+    run_uid: str,
+    server_round: int,
+    reference: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], int]:
+    """c_k as it was before ``server_round``: from the state, else the site's disk, else zeros.
+
+    Returns
+    -------
+    (c_k, round)
+        The arrays (keys and dtypes of ``reference``, i.e. of c) and the round that produced
+        them (0 for the zero initialisation, seed 000 Alg. 1 ``c_k^0``).
+    """
+    meta = state.config_records.get(STATE_META)
+    if (
+        meta is not None
+        and meta.get("run-uid") == run_uid
+        and int(meta.get("round", 0)) < server_round  # type: ignore[arg-type]
+        and STATE_ARRAYS in state.array_records
+    ):
+        arrays = to_numpy(state.array_records[STATE_ARRAYS])
+        if _matches(arrays, reference):
+            return arrays, int(meta["round"])  # type: ignore[arg-type]
+    folder = _folder(site_path, run_uid)
+    earlier = [r for r in _saved_rounds(folder) if r < server_round]
+    if earlier:
+        path = folder / f"scaffold_c.r{earlier[-1]:06d}.npz"
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+            if _matches(arrays, reference):
+                return arrays, earlier[-1]
+            warnings.warn(
+                f"{path}: control variate does not match the model; reset to 0", stacklevel=2
+            )
+        except (OSError, ValueError) as err:
+            warnings.warn(f"{path}: unreadable control variate ({err}); reset to 0", stacklevel=2)
+    return {k: np.zeros_like(v) for k, v in reference.items()}, 0
+
+
+def forget_run(state: RecordDict, site_path: Path, run_uid: str) -> None:
+    """Delete a finished run's c_k (state and disk). A run extended later restarts c_k at 0."""
+    state.array_records.pop(STATE_ARRAYS, None)
+    state.config_records.pop(STATE_META, None)
+    folder = _folder(site_path, run_uid)
+    for r in _saved_rounds(folder):
+        (folder / f"scaffold_c.r{r:06d}.npz").unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+        folder.parent.rmdir()  # .fedunroll, if no other run left files
+    except OSError:
+        pass
+
+
+def _matches(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> bool:
+    return list(arrays) == list(reference) and all(
+        arrays[k].shape == v.shape and arrays[k].dtype == v.dtype for k, v in reference.items()
+    )
+
+
+def save_control(
+    state: RecordDict,
+    site_path: Path,
+    run_uid: str,
+    server_round: int,
+    c_new: Mapping[str, np.ndarray],
+    loaded_round: int,
+) -> Path | None:
+    """Keep c_k^+ of ``server_round`` in the state and atomically on disk.
+
+    Older files than ``loaded_round`` are removed (the one just read stays, so a resumed
+    ``server_round`` still finds it). A read-only data mount only warns: the state copy is
+    enough for an uninterrupted run.
+    """
+    state.array_records[STATE_ARRAYS] = to_record(c_new)
+    state.config_records[STATE_META] = ConfigRecord({"run-uid": run_uid, "round": server_round})
+    folder = _folder(site_path, run_uid)
+    target = folder / f"scaffold_c.r{server_round:06d}.npz"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **dict(c_new))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for r in _saved_rounds(folder):
+            if r < loaded_round:
+                (folder / f"scaffold_c.r{r:06d}.npz").unlink(missing_ok=True)
+    except OSError as err:
+        warnings.warn(f"cannot save the Scaffold control variate to {target}: {err}", stacklevel=2)
+        return None
+    return target

@@ -1,0 +1,98 @@
+"""Which site a ClientApp serves, and its slices (loaded once per process).
+
+Deployment: ``flower-supernode --node-config 'data-path="/data/site0" site-id="a" device="cuda"'``.
+Simulation: ``partition-id`` ``k`` maps to ``<data.root>/site{k}`` of the run config.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recon.data.dataset import SiteDataset
+from recon.data.h5io import DataError
+from server.config import RunConfig
+
+# (site path, split, mask, accel, acs_frac, seed, max_slices) -> dataset. Sites are small and a
+# ClientApp process serves one or a few sites for a whole run: never re-read h5 every round.
+_DATASETS: dict[tuple[Any, ...], SiteDataset] = {}
+_LOCK = threading.Lock()
+
+
+class SiteError(ValueError):
+    """The node configuration does not describe a usable site."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital: a readable id, its data folder and the torch device it trains on."""
+
+    site_id: str
+    path: Path
+    device: str
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA request without CUDA is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SiteError(f"device {name!r} requested but CUDA is not available on this node")
+    return name
+
+
+def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
+    """The site of this node from its node config (deployment) or partition id (simulation)."""
+    device = resolve_device(str(node_config.get("device", cfg.run.device)))
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        site_id = str(node_config.get("site-id") or path.name)
+    elif "partition-id" in node_config:
+        pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+        path = Path(cfg.data.root).expanduser() / f"site{pid}"
+        site_id = str(node_config.get("site-id") or f"site{pid}")
+    else:
+        raise SiteError(
+            "node config has neither 'data-path' (deployment: flower-supernode --node-config "
+            "'data-path=\"/data/site0\"') nor 'partition-id' (simulation)"
+        )
+    if not path.is_dir():
+        raise DataError(path, "data-path", "is not a directory (is the site's data mounted?)")
+    return Site(site_id, path, device)
+
+
+def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:
+    """The site's ``split`` as a :class:`SiteDataset`, cached for the life of the process."""
+    max_slices = (cfg.data.max_train_slices or None) if split == "train" else None
+    key = (
+        str(site.path.resolve()),
+        split,
+        cfg.data.mask,
+        cfg.data.accel,
+        cfg.data.acs_frac,
+        cfg.data.seed,
+        max_slices,
+    )
+    with _LOCK:
+        if key not in _DATASETS:
+            _DATASETS[key] = SiteDataset(
+                site.path,
+                split=split,
+                mask_kind=cfg.data.mask,
+                accel=cfg.data.accel,
+                acs_frac=cfg.data.acs_frac,
+                seed=cfg.data.seed,
+                max_slices=max_slices,
+                rotate=None,  # horizontal-readout files (attribute ``readout``) are rotated
+            )
+        return _DATASETS[key]
+
+
+def clear_cache() -> None:
+    """Forget cached datasets (tests)."""
+    with _LOCK:
+        _DATASETS.clear()

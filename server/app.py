@@ -1,0 +1,172 @@
+"""The ServerApp: parse the run config, build the strategy, run the rounds, write the results.
+
+Run directory (``run.out/run.name``, or ``run.resume``)::
+
+    checkpoint.pt      after every round (arrays, strategy state, round, RNG, records so far)
+    results.json       at the end (completed or failed), schema in :mod:`server.results`
+    final_model.pt     the global model (``recon.models.checkpoint`` format)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from recon.models import build_model, count_parameters
+from recon.models.checkpoint import save_checkpoint
+from server import checkpoint, results
+from server.config import RunConfig, parse_run_config
+from server.federation import Federation, Progress
+from strategies.flower import build_strategy, to_record
+
+app = ServerApp()
+
+# Keys a resumed run may change (where to write, how long to wait, how many rounds in total).
+RESUMABLE_CHANGES = ("num-server-rounds", "round-timeout", "node-wait-timeout")
+
+
+def strategy_from_config(cfg: RunConfig) -> Any:
+    """The fedunroll strategy named by ``strategy.name`` with its namespaced options."""
+    fed = cfg.federation
+    common: dict[str, Any] = {
+        "fraction_train": fed.fraction_fit,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": fed.min_fit_clients,
+        "min_evaluate_nodes": fed.min_fit_clients,
+        "min_available_nodes": fed.min_available_clients,
+        "min_valid_replies": fed.min_fit_clients,
+    }
+    name = cfg.strategy.name
+    if name == "fedprox":
+        common["proximal_mu"] = cfg.fedprox.mu
+    elif name in ("fedadam", "fedyogi", "fedadagrad"):
+        o = cfg.fedopt
+        common.update(eta=o.eta, beta_1=o.beta_1, beta_2=o.beta_2, tau=o.tau)
+    elif name == "scaffold":
+        common.update(eta_g=cfg.scaffold.eta_g, option=cfg.scaffold.option)
+    return build_strategy(name, **common)
+
+
+def initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """x_0: the model drawn under ``train.seed`` (the same one the baselines start from)."""
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model.to_model_config())
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    """``run.resume`` if set, else ``run.out/run.name`` (name defaults to strategy-time)."""
+    if cfg.run.resume:
+        return Path(cfg.run.resume).expanduser()
+    name = cfg.run.name or f"{cfg.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.run.out).expanduser() / name
+
+
+def _check_resume(saved: dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
+    now = cfg.flat()
+    changed = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+        and k not in RESUMABLE_CHANGES
+        and not k.startswith(("run.", "sim."))
+    ]
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {run_dir}: the run config changed ({diff})")
+
+
+def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[str, Any]:
+    """Run (or resume) a federation on ``grid``; returns the results dict it wrote.
+
+    Raises whatever stopped the run (too few replies, no nodes) after writing
+    ``results.json`` with ``status = "failed: <reason>"``; the checkpoint of the last completed
+    round stays, so ``run.resume`` can continue.
+    """
+    t_start = time.perf_counter()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    strategy = strategy_from_config(cfg)
+    model = initial_model(cfg)
+    ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    name = run_dir.name
+
+    if cfg.run.resume:
+        state = checkpoint.load(run_dir)
+        _check_resume(state.config, cfg, run_dir)
+        strategy.load_state_dict(state.strategy)
+        checkpoint.set_rng_state(state.rng)
+        arrays = {k: np.asarray(v) for k, v in state.arrays.items()}
+        if list(arrays) != list(ref):
+            raise ValueError(f"{run_dir / checkpoint.CHECKPOINT}: arrays do not match the model")
+        progress = Progress(state.round, to_record(arrays), state.rounds, state.elapsed_seconds)
+        run_uid = state.run_uid
+        log(INFO, "resuming %s after round %d", run_dir, state.round)
+    else:
+        if (run_dir / checkpoint.CHECKPOINT).exists():
+            raise FileExistsError(
+                f"{run_dir} already holds a run; resume it (run.resume) or choose another run.name"
+            )
+        progress = Progress(0, to_record(ref))
+        run_uid = f"{name}-{uuid.uuid4().hex[:8]}"
+
+    prior_seconds = progress.elapsed_seconds
+    fed = Federation(grid, strategy, cfg, run_dir, run_uid, after_round)
+    model_bytes = sum(a.nbytes for a in ref.values())
+    status = "completed"
+    final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
+    error: BaseException | None = None
+    try:
+        fed.run(progress)
+        final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
+        model.load_state_dict(progress.arrays.to_torch_state_dict())
+        save_checkpoint(
+            model,  # type: ignore[arg-type]
+            cfg.model.to_model_config(),
+            run_dir / "final_model.pt",
+            run_config=cfg.flat(),
+            rounds=progress.round,
+        )
+    except Exception as exc:
+        error = exc
+        status = f"failed: {type(exc).__name__}: {exc}"
+        log(ERROR, "run %s stopped: %s", name, status)
+    sites = sorted(
+        {s for r in progress.rounds for s in r["train"]}
+        | {s for r in progress.rounds for s in r["eval"]}
+        | set(final["federated"])
+    )
+    out = results.build(
+        name=name,
+        config=cfg.flat(),
+        sites=sites,
+        num_parameters=count_parameters(model),
+        model_bytes=model_bytes,
+        rounds=progress.rounds,
+        final=final,
+        total_seconds=prior_seconds + (time.perf_counter() - t_start),
+        status=status,
+    )
+    path = results.write(run_dir, out)
+    log(INFO, "wrote %s (%s)", path, status)
+    if error is not None:
+        raise error
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point (``serverapp = "server.app:app"``)."""
+    cfg = parse_run_config(dict(context.run_config))
+    run_federation(grid, cfg)
+
+
+__all__ = ["app", "initial_model", "run_federation", "strategy_from_config"]

@@ -1,0 +1,313 @@
+"""The run configuration of a federated job, parsed once into frozen pydantic models.
+
+Flower hands the ServerApp and every ClientApp the same flat ``context.run_config``
+(``[tool.flwr.app.config]`` of ``pyproject.toml`` plus ``--run-config`` overrides). Keys are
+namespaced: ``section.key`` (``train.lr``, ``fedprox.mu``, ``scaffold.eta-g``), and the few
+federation-wide keys have no section (``num-server-rounds``, ``min-fit-clients``). Both sides call
+:func:`parse_run_config`; an unknown key or a bad value raises :class:`ConfigError` naming it.
+
+The defaults here are the product's default job (4 non-IID synthetic sites, Scaffold, small
+enough for 2 CPU cores); ``[tool.flwr.app.config]`` repeats them (a test keeps both equal),
+because ``flwr run --run-config`` only accepts keys that the pyproject section declares.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recon.models import ModelConfig
+from recon.train import TrainConfig
+
+# Config entries the server adds to its messages (besides those of ``strategies.records``).
+MSG_RUN_UID = "run.uid"  # identifies a run across resumes (Scaffold's c_k files are keyed by it)
+MSG_EVAL_SPLIT = "eval.split"  # "val" every round, "test" for the final evaluation
+MSG_RUN_DONE = "run.done"  # on the final evaluation: sites may delete this run's client state
+
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
+
+
+class ConfigError(ValueError):
+    """A run-config key that is unknown or has a bad value; the message names the key."""
+
+
+class _Section(BaseModel):
+    """Frozen, strict about unknown keys, keys spelled with dashes (``local-steps``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def _k(default: Any, alias: str, **kw: Any) -> Any:
+    return Field(default, alias=alias, **kw)
+
+
+class FederationConfig(_Section):
+    """Keys without a section: rounds, participation and bounded waits."""
+
+    num_server_rounds: int = _k(10, "num-server-rounds", ge=1, le=100_000)
+    min_fit_clients: int = _k(2, "min-fit-clients", ge=1)
+    min_available_clients: int = _k(2, "min-available-clients", ge=1)
+    fraction_fit: float = _k(1.0, "fraction-fit", gt=0, le=1)
+    fraction_evaluate: float = _k(1.0, "fraction-evaluate", gt=0, le=1)
+    round_timeout: float = _k(900.0, "round-timeout", gt=0)
+    node_wait_timeout: float = _k(120.0, "node-wait-timeout", gt=0)
+
+
+class StrategySection(_Section):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = "scaffold"
+
+
+class TrainSection(_Section):
+    """Local optimisation at each site per round (seed 000 Sec. 3.1: Adam, batch 1, SSIM loss)."""
+
+    local_steps: int = _k(20, "local-steps", ge=1)
+    # Communication budget (seed 000 Sec. 3.4): a fixed total of local steps split over the
+    # rounds; when > 0 it overrides local-steps with total-steps / num-server-rounds.
+    total_steps: int = _k(0, "total-steps", ge=0)
+    lr: float = Field(1e-3, gt=0)
+    loss: Literal["ssim", "l1", "l2", "rss-l1"] = "ssim"
+    batch_size: int = _k(1, "batch-size", ge=1)
+    grad_clip: float = _k(0.0, "grad-clip", ge=0)  # 0 = no clipping (TOML has no null)
+    seed: int = 0
+
+    def train_config(self, steps: int | None = None, seed: int | None = None) -> TrainConfig:
+        """The :class:`recon.train.TrainConfig` of one local training call."""
+        return TrainConfig(
+            lr=self.lr,
+            steps=steps or self.local_steps,
+            batch_size=self.batch_size,
+            loss=self.loss,
+            seed=self.seed if seed is None else seed,
+            grad_clip=self.grad_clip or None,
+        )
+
+
+class ModelSection(_Section):
+    """MoDL size; the defaults are small (the paper's Nu=6, NCG=6 is ``--set`` away)."""
+
+    arch: Literal["modl", "pgd"] = "modl"
+    denoiser: Literal["unet", "resnet"] = "unet"
+    num_unrolls: int = _k(4, "num-unrolls", ge=1, le=64)
+    cg_iters: int = _k(4, "cg-iters", ge=1, le=100)
+    lam_init: float = _k(0.05, "lam-init", gt=0)
+    shared: bool = True
+    unet_chans: int = _k(16, "unet-chans", ge=1)
+    unet_pools: int = _k(3, "unet-pools", ge=1, le=6)
+
+    def to_model_config(self) -> ModelConfig:
+        """The :class:`recon.models.ModelConfig` to build."""
+        return ModelConfig(
+            arch=self.arch,
+            denoiser=self.denoiser,
+            num_unrolls=self.num_unrolls,
+            cg_iters=self.cg_iters,
+            lam_init=self.lam_init,
+            shared=self.shared,
+            unet_chans=self.unet_chans,
+            unet_pools=self.unet_pools,
+        )
+
+
+class FedProxSection(_Section):
+    mu: float = Field(0.01, ge=0)
+
+
+class ScaffoldSection(_Section):
+    """Seed 000 Algorithm 1: control-variate rule (line 7) and global step size (line 10)."""
+
+    option: Literal["i", "ii"] = "ii"
+    eta_g: float = _k(1.0, "eta-g", gt=0)
+    grad_slices: int = _k(8, "grad-slices", ge=1)  # option (i): slices in the gradient at x
+
+
+class FedOptSection(_Section):
+    """FedAdam / FedYogi / FedAdagrad server optimiser (Reddi et al. 2021, Algorithm 2)."""
+
+    eta: float = Field(1e-2, gt=0)
+    beta_1: float = _k(0.9, "beta-1", ge=0, lt=1)
+    beta_2: float = _k(0.99, "beta-2", ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class DataSection(_Section):
+    """Where each site's slices come from and how they are undersampled (seed 000 Sec. 3.1)."""
+
+    root: str = "data/synth"
+    num_sites: int = _k(4, "num-sites", ge=1, le=1000)
+    iid: bool = False
+    mask: Literal["random1d", "equispaced1d", "poisson2d"] = "random1d"
+    accel: float = Field(4.0, ge=1)
+    acs_frac: float = _k(0.08, "acs-frac", gt=0, lt=1)
+    seed: int = 0
+    max_train_slices: int = _k(0, "max-train-slices", ge=0)  # 0 = all
+    # Synthetic sites, generated by ``fedunroll simulate`` when ``root`` has none (0 = preset).
+    synth_slices: int = _k(50, "synth-slices", ge=3)  # slices per site, all splits
+    synth_size: int = _k(0, "synth-size", ge=0)  # square matrix for every site; 0 = presets
+    synth_coils: int = _k(0, "synth-coils", ge=0)  # coils for every site; 0 = presets
+
+
+class RunSection(_Section):
+    """Run directory, resume, device and the non-federated baselines in the same results."""
+
+    out: str = "runs"
+    name: str = ""  # "" = <strategy>-<timestamp>
+    resume: str = ""  # a run directory to continue
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (node config ``device`` wins)
+    local_only: bool = _k(True, "local-only")
+    centralized: bool = False
+
+
+class SimSection(_Section):
+    """Flower simulation resources (``fedunroll simulate``; ignored in deployment)."""
+
+    client_cpus: int = _k(1, "client-cpus", ge=1)
+    client_gpus: float = _k(0.0, "client-gpus", ge=0)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "strategy": StrategySection,
+    "train": TrainSection,
+    "model": ModelSection,
+    "fedprox": FedProxSection,
+    "scaffold": ScaffoldSection,
+    "fedopt": FedOptSection,
+    "data": DataSection,
+    "run": RunSection,
+    "sim": SimSection,
+}
+
+
+class RunConfig(BaseModel):
+    """The whole run configuration; build it with :func:`parse_run_config`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    federation: FederationConfig = FederationConfig()
+    strategy: StrategySection = StrategySection()
+    train: TrainSection = TrainSection()
+    model: ModelSection = ModelSection()
+    fedprox: FedProxSection = FedProxSection()
+    scaffold: ScaffoldSection = ScaffoldSection()
+    fedopt: FedOptSection = FedOptSection()
+    data: DataSection = DataSection()
+    run: RunSection = RunSection()
+    sim: SimSection = SimSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        fed = self.federation
+        if fed.min_available_clients < fed.min_fit_clients:
+            raise ValueError(
+                f"min-available-clients ({fed.min_available_clients}) must be >= "
+                f"min-fit-clients ({fed.min_fit_clients})"
+            )
+        total = self.train.total_steps
+        if total and total % fed.num_server_rounds:
+            raise ValueError(
+                f"train.total-steps ({total}) must be a multiple of num-server-rounds "
+                f"({fed.num_server_rounds}): the budget is split evenly over the rounds"
+            )
+        if fed.min_fit_clients > self.data.num_sites:
+            raise ValueError(
+                f"min-fit-clients ({fed.min_fit_clients}) exceeds data.num-sites "
+                f"({self.data.num_sites})"
+            )
+        return self
+
+    @property
+    def local_steps(self) -> int:
+        """Local steps per round: ``total-steps / num-server-rounds``, else ``local-steps``."""
+        total = self.train.total_steps
+        return total // self.federation.num_server_rounds if total else self.train.local_steps
+
+    def flat(self) -> dict[str, Any]:
+        """The flat, namespaced dict (``results.json["config"]``, ``--run-config`` files)."""
+        out: dict[str, Any] = {}
+        for section, model in self._sections().items():
+            prefix = "" if section == "federation" else f"{section}."
+            for key, value in model.model_dump(by_alias=True).items():
+                out[prefix + key] = value
+        return out
+
+    def _sections(self) -> dict[str, _Section]:
+        return {name: getattr(self, name) for name in ("federation", *SECTIONS)}
+
+
+def _valid_keys() -> dict[str, tuple[str, str]]:
+    """Flat key -> (section attribute, field name)."""
+    keys: dict[str, tuple[str, str]] = {}
+    for section, cls in {"federation": FederationConfig, **SECTIONS}.items():
+        prefix = "" if section == "federation" else f"{section}."
+        for name, field in cls.model_fields.items():
+            keys[prefix + (field.alias or name)] = (section, name)
+    return keys
+
+
+VALID_KEYS = _valid_keys()
+
+
+def default_flat() -> dict[str, Any]:
+    """Every key with its default value (what ``[tool.flwr.app.config]`` must declare)."""
+    return RunConfig().flat()
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, VALID_KEYS, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    section = key.partition(".")[0] if "." in key else ""
+    same = sorted(k for k in VALID_KEYS if section and k.startswith(section + "."))
+    listed = f" Valid keys in [{section}]: {', '.join(same)}." if same else ""
+    return ConfigError(f"unknown run-config key {key!r}{hint}{listed}")
+
+
+def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Parse Flower's flat run config (or any flat override dict) into a :class:`RunConfig`.
+
+    Parameters
+    ----------
+    flat : Mapping[str, Any]
+        ``{"strategy.name": "fedavg", "train.lr": 1e-3, "num-server-rounds": 3, ...}``;
+        missing keys take their defaults.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (with close matches) or a bad value (naming the key and why).
+    """
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key not in VALID_KEYS:
+            raise _unknown(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run-config key {key!r}: must be finite, got {value!r}")
+        section, name = VALID_KEYS[key]
+        grouped.setdefault(section, {})[name] = value
+    sections: dict[str, Any] = {}
+    for section, values in grouped.items():
+        cls = FederationConfig if section == "federation" else SECTIONS[section]
+        try:
+            sections[section] = cls.model_validate(values)
+        except ValidationError as err:
+            raise _named(err, section) from None
+    try:
+        return RunConfig(**sections)
+    except ValidationError as err:
+        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise ConfigError(f"run config: {msgs}") from None
+
+
+def _named(err: ValidationError, section: str) -> ConfigError:
+    """One line per bad key: ``run-config key 'train.lr': Input should be greater than 0 ...``."""
+    cls = FederationConfig if section == "federation" else SECTIONS[section]
+    prefix = "" if section == "federation" else f"{section}."
+    lines = []
+    for e in err.errors():
+        name = str(e["loc"][0]) if e["loc"] else "?"
+        field = cls.model_fields.get(name)
+        key = prefix + ((field.alias if field else None) or name)
+        lines.append(f"run-config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("; ".join(lines))

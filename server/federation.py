@@ -1,0 +1,268 @@
+"""The round loop: a strategy's four methods driven round by round, with checkpoints.
+
+Flower's ``Strategy.start`` always counts from round 1 and keeps nothing on disk; a resumed run
+must continue at round k+1 with the strategy state, RNG state and per-round records of round k.
+So this module drives the same four strategy methods (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) and adds, around them:
+
+- a bounded wait for nodes before each phase (Flower's sampling waits forever),
+- per-site train/eval metrics, rejected replies (errors, invalid arrays, no reply in time) and
+  bytes on the wire for every round,
+- an atomic checkpoint after every round (:mod:`server.checkpoint`),
+- a final evaluation of the global model on every site's test slices (and zero-filled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from server import checkpoint
+from server.config import MSG_EVAL_SPLIT, MSG_RUN_DONE, MSG_RUN_UID, RunConfig
+from server.results import eval_entry, metric_triplet, train_entry
+from strategies.flower import NotEnoughReplies, to_numpy
+from strategies.records import ARRAYS, CONFIG, METRICS, SITE_ID, ReplyError, validate_metrics
+
+
+class NodesUnavailable(RuntimeError):
+    """Fewer nodes connected than the run needs, after the bounded wait."""
+
+
+@dataclass
+class Progress:
+    """Mutable state of a run between rounds (checkpointed)."""
+
+    round: int
+    arrays: ArrayRecord
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_seconds: float = 0.0  # wall time of earlier invocations (resume)
+
+
+def payload_bytes(messages: Iterable[Message]) -> int:
+    """Bytes of all ArrayRecords in the messages' content (what dominates the wire)."""
+    total = 0
+    for m in messages:
+        if m.has_content():
+            total += sum(rec.count_bytes() for rec in m.content.array_records.values())
+    return total
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Node ids once ``needed`` are connected; :class:`NodesUnavailable` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise NodesUnavailable(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s, need {needed} "
+                "(min-available-clients); are the SuperNodes running? (node-wait-timeout)"
+            )
+        log(INFO, "waiting for nodes: %d connected, need %d", len(nodes), needed)
+        time.sleep(poll)
+
+
+def _site(msg: Message, known: dict[int, str]) -> str:
+    node = msg.metadata.src_node_id
+    if msg.has_content() and CONFIG in msg.content.config_records:
+        site = msg.content.config_records[CONFIG].get(SITE_ID)
+        if site is not None:
+            known[node] = str(site)
+    return known.get(node, f"node-{node}")
+
+
+class Federation:
+    """Run rounds ``progress.round + 1 .. num-server-rounds`` of ``strategy`` on ``grid``.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (or :class:`server.inprocess.InProcessGrid` in tests).
+    strategy : strategies.flower._Base
+        A fedunroll strategy (validates replies, keeps ``rejected`` and per-site metrics).
+    cfg : RunConfig
+        The parsed run config.
+    run_dir : Path
+        Where ``checkpoint.pt`` is written after every round.
+    run_uid : str
+        Stable id of the run across resumes (sent to clients as ``run.uid``).
+    after_round : callable, optional
+        ``after_round(round_record)`` after each checkpoint (progress printing, tests).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: Any,
+        cfg: RunConfig,
+        run_dir: Path,
+        run_uid: str,
+        after_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_uid = run_uid
+        self.after_round = after_round
+        self.sites: dict[int, str] = {}  # node id -> site id, learned from replies
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _needed(self) -> int:
+        return self.cfg.federation.min_available_clients
+
+    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int]]:
+        """Send, wait at most ``round-timeout``; returns replies and the nodes without one."""
+        if not messages:
+            return [], []
+        replies = list(
+            self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        )
+        replied = {r.metadata.src_node_id for r in replies}
+        missing = [
+            m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied
+        ]
+        return replies, missing
+
+    def _config(self, split: str | None = None) -> ConfigRecord:
+        config = ConfigRecord({MSG_RUN_UID: self.run_uid})
+        if split is not None:
+            config[MSG_EVAL_SPLIT] = split
+        return config
+
+    # --- one round ----------------------------------------------------------------------------
+    def run_round(self, progress: Progress) -> dict[str, Any]:
+        """Train, aggregate, evaluate; returns the round's ``results.json`` record."""
+        r = progress.round + 1
+        fed = self.cfg.federation
+        t0 = time.perf_counter()
+        wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
+        train_msgs = list(
+            self.strategy.configure_train(r, progress.arrays, self._config(), self.grid)
+        )
+        sent = payload_bytes(train_msgs)
+        replies, missing = self._exchange(train_msgs)
+        received = payload_bytes(replies)
+        for m in replies:
+            _site(m, self.sites)
+        first_rejection = len(self.strategy.rejected)
+        for node in missing:
+            site = self.sites.get(node, f"node-{node}")
+            reason = f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
+            self.strategy._reject(r, site, reason, "train")
+        new_arrays, _ = self.strategy.aggregate_train(r, replies)  # NotEnoughReplies stops here
+        if new_arrays is not None:
+            progress.arrays = new_arrays
+        train_sites = self.strategy.train_site_metrics.get(self.strategy.round, {})
+
+        eval_sites: dict[str, dict[str, Any]] = {}
+        if fed.fraction_evaluate > 0:
+            wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
+            eval_msgs = list(
+                self.strategy.configure_evaluate(r, progress.arrays, self._config("val"), self.grid)
+            )
+            sent += payload_bytes(eval_msgs)
+            eval_replies, eval_missing = self._exchange(eval_msgs)
+            received += payload_bytes(eval_replies)
+            for node in eval_missing:
+                site = self.sites.get(node, f"node-{node}")
+                reason = "no evaluate reply within round-timeout"
+                self.strategy._reject(r, site, reason, "evaluate")
+            self.strategy.aggregate_evaluate(r, eval_replies)
+            eval_sites = self.strategy.evaluate_site_metrics.get(self.strategy.round, {})
+
+        rejected = [
+            {
+                "site": rej.site,
+                "reason": rej.reason if rej.phase == "train" else f"{rej.phase}: {rej.reason}",
+            }
+            for rej in self.strategy.rejected[first_rejection:]
+        ]
+        record = {
+            "round": r,
+            "seconds": time.perf_counter() - t0,
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "train": {s: train_entry(m) for s, m in sorted(train_sites.items())},
+            "eval": {s: eval_entry(m) for s, m in sorted(eval_sites.items())},
+            "rejected": rejected,
+        }
+        progress.round = r
+        progress.rounds.append(record)
+        return record
+
+    def checkpoint(self, progress: Progress, started: float) -> None:
+        """Write ``checkpoint.pt`` for ``progress`` (atomic)."""
+        checkpoint.save(
+            self.run_dir,
+            checkpoint.ServerState(
+                round=progress.round,
+                arrays=to_numpy(progress.arrays),
+                strategy=self.strategy.state_dict(),
+                run_uid=self.run_uid,
+                config=self.cfg.flat(),
+                rounds=progress.rounds,
+                elapsed_seconds=progress.elapsed_seconds + time.perf_counter() - started,
+                rng=checkpoint.rng_state(),
+            ),
+        )
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self, progress: Progress) -> Progress:
+        """All remaining rounds; a checkpoint after each one."""
+        started = time.perf_counter()
+        total = self.cfg.federation.num_server_rounds
+        while progress.round < total:
+            record = self.run_round(progress)
+            self.checkpoint(progress, started)
+            log(
+                INFO,
+                "round %d/%d done in %.1f s: %d sites trained, %d rejected",
+                record["round"],
+                total,
+                record["seconds"],
+                len(record["train"]),
+                len(record["rejected"]),
+            )
+            if self.after_round is not None:
+                self.after_round(record)
+        progress.elapsed_seconds += time.perf_counter() - started
+        return progress
+
+    def final_evaluation(self, arrays: ArrayRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Global model and zero-filled metrics on every connected site's test slices."""
+        nodes = wait_for_nodes(self.grid, self._needed(), self.cfg.federation.node_wait_timeout)
+        config = self._config("test")
+        config[MSG_RUN_DONE] = True  # sites drop this run's Scaffold files
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        replies, missing = self._exchange(msgs)
+        federated: dict[str, Any] = {}
+        zero_filled: dict[str, Any] = {}
+        for msg in replies:
+            site = _site(msg, self.sites)
+            if msg.has_error():
+                log(WARNING, "final evaluation: %s failed: %s", site, msg.error.reason)
+                continue
+            try:
+                metrics = dict(msg.content.metric_records[METRICS])
+                validate_metrics(metrics)
+                federated[site] = metric_triplet(metrics)
+                zero_filled[site] = metric_triplet(metrics, "zf-")
+            except (KeyError, ReplyError) as err:
+                log(WARNING, "final evaluation: %s sent a bad reply: %s", site, err)
+        for node in missing:
+            log(WARNING, "final evaluation: no reply from %s", self.sites.get(node, f"node-{node}"))
+        return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
+
+
+__all__ = ["Federation", "NodesUnavailable", "NotEnoughReplies", "Progress"]
