@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The product's main job on a machine without Docker (see README).
 run: install
-	$(BIN)/fedunroll train
+	$(BIN)/fedunroll simulate
 
 lint: install
 	$(BIN)/ruff check .

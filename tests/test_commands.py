@@ -124,3 +124,39 @@ def test_bad_input_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert rc == 2
     err = capsys.readouterr().err
     assert "broken.h5" in err and "kspace" in err
+
+
+def test_personalize_command_writes_report_and_weights(workdir: Path) -> None:
+    ckpt = workdir / "run" / "model.pt"
+    if not ckpt.exists():
+        pytest.skip("needs the checkpoint of test_train_writes_checkpoint_and_per_site_table")
+    out = workdir / "pers"
+    rc = main(
+        [
+            "personalize",
+            "--checkpoint",
+            str(ckpt),
+            "--site",
+            str(workdir / "synth" / "site1"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--set",
+            "personalize.folds=2",
+            "--set",
+            "personalize.max_epochs=2",
+            "--set",
+            "personalize.lrs=[1e-3]",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((out / "personalize.json").read_text())
+    assert report["grid"] == {"lrs": [1e-3], "max_epochs": 2, "folds": 2}
+    assert len(report["cv_curves"]["0.001"]) == 2 and set(report["before"]) == {
+        "ssim",
+        "nrmse",
+        "psnr",
+    }
+    assert report["fine_tune"] == (report["n_fine"] > 0)
+    assert (out / "personalized_model.pt").exists()
