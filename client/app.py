@@ -7,7 +7,8 @@ are bad replies with an error naming the file and field; the federation goes on 
 Train message -> reply (seed 000 Sec. 3.3, Algorithm 1):
 
 1. load x (``arrays``) into the model, the site's training slices (cached per process);
-2. ``train.local-steps`` Adam steps of :func:`recon.train.train`, with FedProx's proximal term
+2. ``train.local-steps`` Adam steps of :func:`recon.train.methods.local_train` with
+   ``train.method`` (e2e, checkpoint, gleam, layerwise), with FedProx's proximal term
    (``fedprox.mu`` in the config) or Scaffold's gradient correction ``g - c_k + c``
    (``scaffold.c-global`` record) as hooks;
 3. Scaffold: new c_k (option (i) or (ii)), kept in ``context.state`` and on the site's disk;
@@ -36,7 +37,8 @@ from client.site import Site, load_split, resolve_site
 from recon.data.sample import collate
 from recon.models import Unrolled, build_model
 from recon.physics.sense import SenseOp
-from recon.train import TrainHooks, evaluate, get_loss, train
+from recon.train import TrainHooks, evaluate, get_loss
+from recon.train.methods import local_train
 from server.config import (
     MSG_EVAL_SPLIT,
     MSG_RUN_DONE,
@@ -131,10 +133,14 @@ def _gradient_at(
 
 def _scaffold_hook(
     model: Unrolled, c_global: Mapping[str, np.ndarray], c_local: Mapping[str, np.ndarray]
-) -> tuple[Callable[[torch.nn.Module], None], dict[str, torch.Tensor]]:
+) -> tuple[Callable[[torch.nn.Module], None], dict[str, torch.Tensor], dict[str, int]]:
     """``after_backward`` adding ``c - c_k`` to the gradients (seed 000 Alg. 1 line 6).
 
-    Also sums the corrected gradients, from which option (ii) is computed.
+    Only parameters that have a gradient in this backward pass are corrected: GLEAM and
+    layer-wise training call the hook once per module / block with the other ``.grad`` left
+    ``None``, and frozen parameters (GLEAM's data-consistency weights) never have one. Also sums
+    the corrected gradients and counts, per parameter, the backward passes it took part in;
+    option (ii) is computed from both.
     """
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
@@ -144,16 +150,18 @@ def _scaffold_hook(
         if k in params
     }
     grad_sum = {k: torch.zeros_like(params[k]) for k in corr}
+    counts = dict.fromkeys(corr, 0)
 
     def after_backward(_: torch.nn.Module) -> None:
         for k, d in corr.items():
             p = params[k]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(d)
-            grad_sum[k].add_(p.grad)
+            if p.grad is None:  # not trained by this backward pass (other module, frozen)
+                continue
+            p.grad.add_(d.to(p.grad.device))
+            grad_sum[k].add_(p.grad.to(grad_sum[k].device))
+            counts[k] += 1
 
-    return after_backward, grad_sum
+    return after_backward, grad_sum, counts
 
 
 @app.train()
@@ -194,14 +202,17 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         option = str(config.get(SCAFFOLD_OPTION, cfg.scaffold.option))
         c_global = to_numpy(msg.content.array_records[SCAFFOLD_C_GLOBAL])
         c_local, loaded_round = load_control(
-            context.state, site.path, run_uid, server_round, c_global
+            context.state, site.state_path, run_uid, server_round, c_global
         )
         grad_x = _gradient_at(model, data, cfg, c_global, site.device) if option == "i" else None
-        hooks.after_backward, grad_sum = _scaffold_hook(model, c_global, c_local)
+        hooks.after_backward, grad_sum, counts = _scaffold_hook(model, c_global, c_local)
 
     seed = round_seed(cfg.train.seed, server_round, site.site_id)
     steps = cfg.local_steps
-    result = train(model, data, cfg.train.train_config(steps, seed), site.device, hooks, False)
+    train_cfg = cfg.train.train_config(steps, seed)
+    result = local_train(
+        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **cfg.method_options()
+    )
 
     if scaffold:
         lr = cfg.train.lr
@@ -210,7 +221,14 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         # (x - y_k) / (K eta_l) is exactly the mean corrected gradient; with Adam (the paper's
         # local optimiser) the displacement is rescaled per coordinate, so we pass the
         # displacement SGD would have made: y_sgd = x - eta_l * sum of corrected gradients.
-        y_sgd = {k: np.asarray(x_np[k] - lr * g.cpu().numpy()) for k, g in grad_sum.items()}
+        # GLEAM / layer-wise train each parameter in only n_k of the K steps (a layer-wise
+        # block for K / blocks steps): the sum is scaled by K / n_k, so the mean is over the
+        # steps the parameter was trained in and c_k^+ is the mean of its own gradients.
+        y_sgd = {
+            k: np.asarray(x_np[k] - lr * (steps / counts[k]) * g.cpu().numpy())
+            for k, g in grad_sum.items()
+            if counts[k]
+        }
         c_new, c_delta = maths.scaffold_client_control_update(
             option,
             c_local=c_local,
@@ -221,7 +239,15 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
             lr=lr,
             grad_at_global=grad_x,
         )
-        save_control(context.state, site.path, run_uid, server_round, c_new, loaded_round)
+        # A parameter that got no gradient in any step (frozen by the method, e.g. GLEAM's
+        # data-consistency weights) was not corrected and says nothing about this site's
+        # drift: its c_k stays as it was and Delta c_k = 0, for both options (option (ii) would
+        # otherwise give c_k - c, and option (i) a gradient of a parameter that never moves).
+        for k in c_new:
+            if counts.get(k, 0) == 0:
+                c_new[k] = np.array(c_local[k], copy=True)
+                c_delta[k] = np.zeros_like(c_delta[k])
+        save_control(context.state, site.state_path, run_uid, server_round, c_new, loaded_round)
         extra[SCAFFOLD_C_DELTA] = to_record(c_delta)
 
     val = evaluate(model, load_split(site, cfg, "val"), site.device)
@@ -264,7 +290,13 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             "seconds": time.perf_counter() - t0,
         }
         if config.get(MSG_RUN_DONE):
-            forget_run(context.state, site.path, str(config.get(MSG_RUN_UID, "run")))
+            forget_run(context.state, site.state_path, str(config.get(MSG_RUN_UID, "run")))
         return _reply(msg, site, metrics)
     except Exception as exc:
         return _error_reply(msg, site_name, exc)
+
+
+# Personalization phase (issue 5): ``query.site``, ``train.personalize`` (client/personalize.py).
+from client.personalize import register as _register_personalization  # noqa: E402
+
+_register_personalization(app)

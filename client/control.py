@@ -5,7 +5,10 @@ resume (a new Flower run with an empty state) to the same result. Files are tagg
 round they were produced in and with the run's uid, so a resumed round ``r`` reads the c_k of
 the round before ``r`` even if a crash happened after some sites had already saved round ``r``::
 
-    <site>/.fedunroll/<run uid>/scaffold_c.r000003.npz     (written atomically)
+    <state path>/.fedunroll/<run uid>/scaffold_c.r000003.npz     (written atomically)
+
+The state path is the site's ``state-path`` node config, by default its data path
+(:class:`client.site.Site`), so a hospital can mount its data read-only and keep state elsewhere.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ STATE_META = "scaffold.c-local-meta"
 _FILE = re.compile(r"^scaffold_c\.r(\d{6})\.npz$")
 
 
-def _folder(site_path: Path, run_uid: str) -> Path:
+def _folder(state_path: Path, run_uid: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run"
-    return site_path / ".fedunroll" / safe
+    return state_path / ".fedunroll" / safe
 
 
 def _saved_rounds(folder: Path) -> list[int]:
@@ -40,7 +43,7 @@ def _saved_rounds(folder: Path) -> list[int]:
 
 def load_control(
     state: RecordDict,
-    site_path: Path,
+    state_path: Path,
     run_uid: str,
     server_round: int,
     reference: Mapping[str, np.ndarray],
@@ -63,7 +66,7 @@ def load_control(
         arrays = to_numpy(state.array_records[STATE_ARRAYS])
         if _matches(arrays, reference):
             return arrays, int(meta["round"])  # type: ignore[arg-type]
-    folder = _folder(site_path, run_uid)
+    folder = _folder(state_path, run_uid)
     earlier = [r for r in _saved_rounds(folder) if r < server_round]
     if earlier:
         path = folder / f"scaffold_c.r{earlier[-1]:06d}.npz"
@@ -80,11 +83,11 @@ def load_control(
     return {k: np.zeros_like(v) for k, v in reference.items()}, 0
 
 
-def forget_run(state: RecordDict, site_path: Path, run_uid: str) -> None:
+def forget_run(state: RecordDict, state_path: Path, run_uid: str) -> None:
     """Delete a finished run's c_k (state and disk). A run extended later restarts c_k at 0."""
     state.array_records.pop(STATE_ARRAYS, None)
     state.config_records.pop(STATE_META, None)
-    folder = _folder(site_path, run_uid)
+    folder = _folder(state_path, run_uid)
     for r in _saved_rounds(folder):
         (folder / f"scaffold_c.r{r:06d}.npz").unlink(missing_ok=True)
     try:
@@ -102,7 +105,7 @@ def _matches(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarra
 
 def save_control(
     state: RecordDict,
-    site_path: Path,
+    state_path: Path,
     run_uid: str,
     server_round: int,
     c_new: Mapping[str, np.ndarray],
@@ -111,12 +114,12 @@ def save_control(
     """Keep c_k^+ of ``server_round`` in the state and atomically on disk.
 
     Older files than ``loaded_round`` are removed (the one just read stays, so a resumed
-    ``server_round`` still finds it). A read-only data mount only warns: the state copy is
+    ``server_round`` still finds it). A read-only state path only warns: the state copy is
     enough for an uninterrupted run.
     """
     state.array_records[STATE_ARRAYS] = to_record(c_new)
     state.config_records[STATE_META] = ConfigRecord({"run-uid": run_uid, "round": server_round})
-    folder = _folder(site_path, run_uid)
+    folder = _folder(state_path, run_uid)
     target = folder / f"scaffold_c.r{server_round:06d}.npz"
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 Deployment: ``flower-supernode --node-config 'data-path="/data/site0" site-id="a" device="cuda"'``.
 Simulation: ``partition-id`` ``k`` maps to ``<data.root>/site{k}`` of the run config.
+Either way ``state-path="/var/lib/fedunroll/a"`` puts the site's own state (Scaffold's c_k
+files) in a writable folder, so the data may be mounted read-only; it defaults to the data path.
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ class SiteError(ValueError):
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital: a readable id, its data folder and the torch device it trains on."""
+    """One hospital: a readable id, its data folder, the torch device it trains on and the
+    writable folder of its per-site state (``None``: the data folder)."""
 
     site_id: str
     path: Path
     device: str
+    state_path: Path = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.state_path is None:
+            object.__setattr__(self, "state_path", self.path)
 
 
 def resolve_device(name: str) -> str:
@@ -62,7 +70,11 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
         )
     if not path.is_dir():
         raise DataError(path, "data-path", "is not a directory (is the site's data mounted?)")
-    return Site(site_id, path, device)
+    state = node_config.get("state-path")
+    state_path = Path(str(state)).expanduser() if state else path
+    if state_path.exists() and not state_path.is_dir():
+        raise SiteError(f"state-path {str(state_path)!r} exists and is not a directory")
+    return Site(site_id, path, device, state_path)
 
 
 def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:

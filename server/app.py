@@ -5,6 +5,9 @@ Run directory (``run.out/run.name``, or ``run.resume``)::
     checkpoint.pt      after every round (arrays, strategy state, round, RNG, records so far)
     results.json       at the end (completed or failed), schema in :mod:`server.results`
     final_model.pt     the global model (``recon.models.checkpoint`` format)
+
+With ``personalize.enabled`` every site (and every held-out site, ``data.unseen-sites``)
+then personalizes the final model locally; ``results.json`` gets their before/after metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from recon.models.checkpoint import save_checkpoint
 from server import checkpoint, results
 from server.config import RunConfig, parse_run_config
 from server.federation import Federation, Progress
+from server.personalize import TrainingGrid, personalization_phase
 from strategies.flower import build_strategy, to_record
 
 app = ServerApp()
@@ -119,7 +123,11 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         run_uid = f"{name}-{uuid.uuid4().hex[:8]}"
 
     prior_seconds = progress.elapsed_seconds
-    fed = Federation(grid, strategy, cfg, run_dir, run_uid, after_round)
+    # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
+    # the grid without them; they only personalize at the end (server/personalize.py).
+    training_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else None
+    fed = Federation(training_grid or grid, strategy, cfg, run_dir, run_uid, after_round)
+    personalization: dict[str, Any] = {}
     model_bytes = sum(a.nbytes for a in ref.values())
     status = "completed"
     final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
@@ -135,6 +143,15 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
             run_config=cfg.flat(),
             rounds=progress.round,
         )
+        if cfg.personalize.enabled:
+            personalization = personalization_phase(
+                grid,
+                progress.arrays,
+                cfg,
+                run_uid,
+                unseen=training_grid.unseen if training_grid else None,
+                sites={**(training_grid.sites if training_grid else {}), **fed.sites},
+            )
     except Exception as exc:
         error = exc
         status = f"failed: {type(exc).__name__}: {exc}"
@@ -154,6 +171,7 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         final=final,
         total_seconds=prior_seconds + (time.perf_counter() - t_start),
         status=status,
+        personalization=personalization or None,
     )
     path = results.write(run_dir, out)
     log(INFO, "wrote %s (%s)", path, status)

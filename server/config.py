@@ -18,7 +18,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recon.models import ModelConfig
 from recon.train import TrainConfig
@@ -73,6 +80,10 @@ class TrainSection(_Section):
     batch_size: int = _k(1, "batch-size", ge=1)
     grad_clip: float = _k(0.0, "grad-clip", ge=0)  # 0 = no clipping (TOML has no null)
     seed: int = 0
+    # Local trainer (recon.train.methods.local_train): end-to-end, end-to-end with one activation
+    # checkpoint per unroll (same result, less memory), greedy GLEAM modules (seed 004) or
+    # layer-wise convex blocks (seed 002, model.denoiser = "convex").
+    method: Literal["e2e", "gleam", "checkpoint", "layerwise"] = "e2e"
 
     def train_config(self, steps: int | None = None, seed: int | None = None) -> TrainConfig:
         """The :class:`recon.train.TrainConfig` of one local training call."""
@@ -90,7 +101,7 @@ class ModelSection(_Section):
     """MoDL size; the defaults are small (the paper's Nu=6, NCG=6 is ``--set`` away)."""
 
     arch: Literal["modl", "pgd"] = "modl"
-    denoiser: Literal["unet", "resnet"] = "unet"
+    denoiser: Literal["unet", "resnet", "convex"] = "unet"  # convex: train.method = layerwise
     num_unrolls: int = _k(4, "num-unrolls", ge=1, le=64)
     cg_iters: int = _k(4, "cg-iters", ge=1, le=100)
     lam_init: float = _k(0.05, "lam-init", gt=0)
@@ -124,6 +135,18 @@ class ScaffoldSection(_Section):
     grad_slices: int = _k(8, "grad-slices", ge=1)  # option (i): slices in the gradient at x
 
 
+class GleamSection(_Section):
+    """``train.method = "gleam"``: M greedy modules of N / M unrolls (seed 004 Alg. 1)."""
+
+    modules: int = Field(0, ge=0)  # 0 = one module per unroll (M = N)
+
+
+class LayerwiseSection(_Section):
+    """``train.method = "layerwise"``: convex blocks trained one after the other (seed 002)."""
+
+    steps_per_block: int = _k(0, "steps-per-block", ge=0)  # 0 = split the local steps evenly
+
+
 class FedOptSection(_Section):
     """FedAdam / FedYogi / FedAdagrad server optimiser (Reddi et al. 2021, Algorithm 2)."""
 
@@ -148,6 +171,9 @@ class DataSection(_Section):
     synth_slices: int = _k(50, "synth-slices", ge=3)  # slices per site, all splits
     synth_size: int = _k(0, "synth-size", ge=0)  # square matrix for every site; 0 = presets
     synth_coils: int = _k(0, "synth-coils", ge=0)  # coils for every site; 0 = presets
+    # Sites held out of training (seed 000 Table 1 "Unseen"): in simulation the partitions
+    # num-sites .. num-sites + unseen-sites - 1; they only take part in personalization.
+    unseen_sites: int = _k(0, "unseen-sites", ge=0, le=1000)
 
 
 class RunSection(_Section):
@@ -159,6 +185,42 @@ class RunSection(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N (node config ``device`` wins)
     local_only: bool = _k(True, "local-only")
     centralized: bool = False
+
+
+class PersonalizeSection(_Section):
+    """Federated personalization after the last round (seed 000 Sec. 3.4, 4.3; issue 5).
+
+    Every site (training and unseen) picks (r_fine, N_fine) by k-fold CV on its own training
+    slices and fine-tunes the final global model; only before/after metrics come back.
+    ``lrs`` is a comma-separated list (``"1e-5,1e-4"``): Flower run configs hold scalars only.
+    """
+
+    enabled: bool = False
+    lrs: str = "1e-4,1e-3"
+    max_epochs: int = _k(10, "max-epochs", ge=1, le=100_000)
+    folds: int = Field(5, ge=2)
+    patience: int = Field(3, ge=1)
+    min_gain: float = _k(0.0, "min-gain", ge=0)
+    timeout: float = Field(3600.0, gt=0)  # seconds the server waits for the sites' replies
+
+    @field_validator("lrs", mode="before")
+    @classmethod
+    def _lrs(cls, value: Any) -> str:
+        items = value if isinstance(value, list | tuple) else [value]
+        if isinstance(value, str):
+            items = [v for v in value.split(",") if v.strip()]
+        try:
+            lrs = [float(v) for v in items if not isinstance(v, bool)]
+        except (TypeError, ValueError):
+            raise ValueError(f"expected comma-separated learning rates, got {value!r}") from None
+        if not lrs or len(lrs) != len(items) or not all(math.isfinite(x) and x > 0 for x in lrs):
+            raise ValueError(f"expected one or more positive learning rates, got {value!r}")
+        return value.strip() if isinstance(value, str) else ",".join(repr(x) for x in lrs)
+
+    @property
+    def lr_values(self) -> tuple[float, ...]:
+        """``lrs`` as floats."""
+        return tuple(float(v) for v in self.lrs.split(",") if v.strip())
 
 
 class SimSection(_Section):
@@ -174,9 +236,12 @@ SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSection,
     "fedprox": FedProxSection,
     "scaffold": ScaffoldSection,
+    "gleam": GleamSection,
+    "layerwise": LayerwiseSection,
     "fedopt": FedOptSection,
     "data": DataSection,
     "run": RunSection,
+    "personalize": PersonalizeSection,
     "sim": SimSection,
 }
 
@@ -192,9 +257,12 @@ class RunConfig(BaseModel):
     model: ModelSection = ModelSection()
     fedprox: FedProxSection = FedProxSection()
     scaffold: ScaffoldSection = ScaffoldSection()
+    gleam: GleamSection = GleamSection()
+    layerwise: LayerwiseSection = LayerwiseSection()
     fedopt: FedOptSection = FedOptSection()
     data: DataSection = DataSection()
     run: RunSection = RunSection()
+    personalize: PersonalizeSection = PersonalizeSection()
     sim: SimSection = SimSection()
 
     @model_validator(mode="after")
@@ -211,12 +279,42 @@ class RunConfig(BaseModel):
                 f"train.total-steps ({total}) must be a multiple of num-server-rounds "
                 f"({fed.num_server_rounds}): the budget is split evenly over the rounds"
             )
+        self._check_method()
         if fed.min_fit_clients > self.data.num_sites:
             raise ValueError(
                 f"min-fit-clients ({fed.min_fit_clients}) exceeds data.num-sites "
                 f"({self.data.num_sites})"
             )
         return self
+
+    def _check_method(self) -> None:
+        method, model = self.train.method, self.model
+        if method == "gleam":
+            n = model.num_unrolls
+            m = self.gleam.modules or n
+            if n % m:
+                raise ValueError(
+                    f"gleam.modules ({self.gleam.modules}) must divide model.num-unrolls ({n})"
+                )
+            if m > 1 and model.shared:
+                raise ValueError(
+                    f'train.method = "gleam" with gleam.modules = {self.gleam.modules} '
+                    f"({m} modules) needs one denoiser per unroll: set model.shared = false "
+                    "(or gleam.modules = 1)"
+                )
+        if method == "layerwise" and model.denoiser != "convex":
+            raise ValueError(
+                f'train.method = "layerwise" trains convex blocks: set model.denoiser = "convex" '
+                f"(got {model.denoiser!r})"
+            )
+
+    def method_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``."""
+        if self.train.method == "gleam":
+            return {"num_modules": self.gleam.modules or None}
+        if self.train.method == "layerwise":
+            return {"steps_per_block": self.layerwise.steps_per_block or None}
+        return {}
 
     @property
     def local_steps(self) -> int:

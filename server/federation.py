@@ -28,8 +28,8 @@ from flwr.serverapp import Grid
 from server import checkpoint
 from server.config import MSG_EVAL_SPLIT, MSG_RUN_DONE, MSG_RUN_UID, RunConfig
 from server.results import eval_entry, metric_triplet, train_entry
-from strategies.flower import NotEnoughReplies, to_numpy
-from strategies.records import ARRAYS, CONFIG, METRICS, SITE_ID, ReplyError, validate_metrics
+from strategies.flower import NotEnoughReplies, reply_node, sent_nodes, site_of, to_numpy
+from strategies.records import ARRAYS, CONFIG, METRICS, ReplyError, validate_metrics
 
 
 class NodesUnavailable(RuntimeError):
@@ -71,15 +71,6 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -
         time.sleep(poll)
 
 
-def _site(msg: Message, known: dict[int, str]) -> str:
-    node = msg.metadata.src_node_id
-    if msg.has_content() and CONFIG in msg.content.config_records:
-        site = msg.content.config_records[CONFIG].get(SITE_ID)
-        if site is not None:
-            known[node] = str(site)
-    return known.get(node, f"node-{node}")
-
-
 class Federation:
     """Run rounds ``progress.round + 1 .. num-server-rounds`` of ``strategy`` on ``grid``.
 
@@ -114,24 +105,36 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.run_uid = run_uid
         self.after_round = after_round
-        self.sites: dict[int, str] = {}  # node id -> site id, learned from replies
+        # node id -> site id, learned from replies (shared with the strategy when it keeps one)
+        shared = getattr(strategy, "node_sites", None)
+        self.sites: dict[int, str] = shared if isinstance(shared, dict) else {}
 
     # --- helpers ------------------------------------------------------------------------------
     def _needed(self) -> int:
         return self.cfg.federation.min_available_clients
 
-    def _exchange(self, messages: list[Message]) -> tuple[list[Message], list[int]]:
-        """Send, wait at most ``round-timeout``; returns replies and the nodes without one."""
+    def _exchange(self, messages: list[Message]) -> tuple[list[tuple[Message, int]], list[int]]:
+        """Send, wait at most ``round-timeout``; returns (reply, node) pairs and silent nodes.
+
+        A reply is attributed to the node its message was sent to (``reply_to_message_id``,
+        see :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink
+        answers for a dead node with an error reply of its own.
+        """
         if not messages:
             return [], []
         replies = list(
             self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
         )
-        replied = {r.metadata.src_node_id for r in replies}
+        sent = sent_nodes(messages)  # message ids are set by the grid on push
+        pairs = [(r, reply_node(r, sent)) for r in replies]
+        replied = {node for _, node in pairs}
         missing = [
             m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied
         ]
-        return replies, missing
+        return pairs, missing
+
+    def _site(self, node: int) -> str:
+        return self.sites.get(node, f"node-{node}")
 
     def _config(self, split: str | None = None) -> ConfigRecord:
         config = ConfigRecord({MSG_RUN_UID: self.run_uid})
@@ -150,15 +153,15 @@ class Federation:
             self.strategy.configure_train(r, progress.arrays, self._config(), self.grid)
         )
         sent = payload_bytes(train_msgs)
-        replies, missing = self._exchange(train_msgs)
+        pairs, missing = self._exchange(train_msgs)
+        replies = [m for m, _ in pairs]
         received = payload_bytes(replies)
-        for m in replies:
-            _site(m, self.sites)
+        for m, node in pairs:
+            site_of(m, node, self.sites)
         first_rejection = len(self.strategy.rejected)
         for node in missing:
-            site = self.sites.get(node, f"node-{node}")
             reason = f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
-            self.strategy._reject(r, site, reason, "train")
+            self.strategy.reject(r, self._site(node), reason, "train")
         new_arrays, _ = self.strategy.aggregate_train(r, replies)  # NotEnoughReplies stops here
         if new_arrays is not None:
             progress.arrays = new_arrays
@@ -171,12 +174,12 @@ class Federation:
                 self.strategy.configure_evaluate(r, progress.arrays, self._config("val"), self.grid)
             )
             sent += payload_bytes(eval_msgs)
-            eval_replies, eval_missing = self._exchange(eval_msgs)
+            eval_pairs, eval_missing = self._exchange(eval_msgs)
+            eval_replies = [m for m, _ in eval_pairs]
             received += payload_bytes(eval_replies)
             for node in eval_missing:
-                site = self.sites.get(node, f"node-{node}")
                 reason = "no evaluate reply within round-timeout"
-                self.strategy._reject(r, site, reason, "evaluate")
+                self.strategy.reject(r, self._site(node), reason, "evaluate")
             self.strategy.aggregate_evaluate(r, eval_replies)
             eval_sites = self.strategy.evaluate_site_metrics.get(self.strategy.round, {})
 
@@ -245,11 +248,11 @@ class Federation:
         config[MSG_RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
-        replies, missing = self._exchange(msgs)
+        pairs, missing = self._exchange(msgs)
         federated: dict[str, Any] = {}
         zero_filled: dict[str, Any] = {}
-        for msg in replies:
-            site = _site(msg, self.sites)
+        for msg, node in pairs:
+            site = site_of(msg, node, self.sites)
             if msg.has_error():
                 log(WARNING, "final evaluation: %s failed: %s", site, msg.error.reason)
                 continue
@@ -261,7 +264,7 @@ class Federation:
             except (KeyError, ReplyError) as err:
                 log(WARNING, "final evaluation: %s sent a bad reply: %s", site, err)
         for node in missing:
-            log(WARNING, "final evaluation: no reply from %s", self.sites.get(node, f"node-{node}"))
+            log(WARNING, "final evaluation: no reply from %s", self._site(node))
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
 
 

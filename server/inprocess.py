@@ -96,7 +96,8 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            mid = uuid.uuid4().hex  # the SuperLink would assign it; replies are keyed by it here
+            mid = uuid.uuid4().hex  # the grid sets it on push (as Flower's do); replies key on it
+            msg.metadata.__dict__["_message_id"] = mid
             reply = self._deliver(msg)
             if reply is not None:
                 self._replies[mid] = reply

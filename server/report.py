@@ -3,7 +3,8 @@
 Writes into ``RUN_DIR``:
 
 * ``report.md``: per site x method final metrics (federated, zero-filled, local-only,
-  centralized when present) with SSIM / NRMSE / PSNR, a per-round aggregate table and any
+  centralized when present) with SSIM / NRMSE / PSNR, the before/after personalization table
+  per site (seen and unseen) when the run personalized, a per-round aggregate table and any
   rejected replies;
 * ``metrics_vs_round.png``: validation SSIM / NRMSE / PSNR per site against the round;
 * ``site_bars.png``: final metrics per site, one bar per method;
@@ -153,6 +154,22 @@ def validate_results(data: Any, source: str = "results.json") -> dict[str, Any]:
             c.check(per_site, f"final.{method}", dict)
             for site, m in per_site.items():
                 c.metrics(m, f"final.{method}.{site}", METRICS)
+    if "personalization" in data:  # optional: only runs with personalize.enabled
+        for site, entry in c.get(data, "personalization", "", dict).items():
+            w = f"personalization.{site}"
+            c.check(entry, w, dict)
+            if not isinstance(entry.get("seen"), bool):
+                raise c.fail(f"{w}.seen", "must be true or false")
+            if "error" in entry:
+                c.get(entry, "error", w, str)
+                continue
+            c.metrics(c.get(entry, "before", w, dict), f"{w}.before", METRICS)
+            c.metrics(c.get(entry, "after", w, dict), f"{w}.after", METRICS)
+            c.get(entry, "n_fine", w, int)
+            if not isinstance(entry.get("fine_tune"), bool):
+                raise c.fail(f"{w}.fine_tune", "must be true or false")
+            if entry.get("r_fine") is not None:
+                c.get(entry, "r_fine", w, float)
     return data
 
 
@@ -253,6 +270,53 @@ def site_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _delta(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:+.4f}"
+
+
+def personalization_table(results: Mapping[str, Any]) -> str | None:
+    """Markdown table: per site (seen, then unseen) test metrics before and after
+    personalization and what the site decided; ``None`` when the run did not personalize."""
+    per_site = results.get("personalization") or {}
+    if not per_site:
+        return None
+    cols = ["site", "seen"]
+    for m in METRICS:
+        cols += [f"{HEADERS[m]} before", f"{HEADERS[m]} after"]
+    cols += ["ΔSSIM", "decision"]
+    rule = "|---|---|" + "---:|" * (2 * len(METRICS) + 1) + "---|"
+    lines = ["| " + " | ".join(cols) + " |", rule]
+    order = sorted(per_site, key=lambda s: (not per_site[s]["seen"], s))
+    groups: dict[bool, list[Mapping[str, Any]]] = {True: [], False: []}
+    for site in order:
+        e = per_site[site]
+        seen = "seen" if e["seen"] else "unseen"
+        if "error" in e:
+            blank = " | ".join(["–"] * (2 * len(METRICS) + 1))
+            reason = str(e["error"]).replace("|", "/").splitlines()[0]
+            lines.append(f"| {site} | {seen} | {blank} | failed: {reason} |")
+            continue
+        groups[bool(e["seen"])].append(e)
+        vals = []
+        for m in METRICS:
+            vals += [_fmt(m, _num(e["before"][m])), _fmt(m, _num(e["after"][m]))]
+        delta = _num(e["after"]["ssim"]) - _num(e["before"]["ssim"])
+        decision = str(e.get("decision") or ("fine-tuned" if e["fine_tune"] else "kept global"))
+        lines.append(f"| {site} | {seen} | {' | '.join(vals)} | {_delta(delta)} | {decision} |")
+    for seen, entries in groups.items():
+        if len(entries) > 1:
+            vals = []
+            for m in METRICS:
+                vals += [
+                    _fmt(m, _mean([e["before"][m] for e in entries])),
+                    _fmt(m, _mean([e["after"][m] for e in entries])),
+                ]
+            delta = _mean([_num(e["after"]["ssim"]) - _num(e["before"]["ssim"]) for e in entries])
+            label = "seen" if seen else "unseen"
+            lines.append(f"| **mean** | {label} | {' | '.join(vals)} | {_delta(delta)} | |")
+    return "\n".join(lines)
+
+
 def rounds_table(results: Mapping[str, Any]) -> str:
     """Markdown table: per round, time, traffic, clients and example-weighted metrics."""
     rounds = results["rounds"]
@@ -329,6 +393,20 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
         "",
         site_table(results),
         "",
+    ]
+    personalized = personalization_table(results)
+    if personalized:
+        out += [
+            "## Personalization (test split, before -> after)",
+            "",
+            "Each site fine-tuned the final global model on its own training slices, with r_fine "
+            "and N_fine chosen by cross-validation (or kept it when that found no gain); "
+            "unseen sites took no part in training. The weights stayed at the sites.",
+            "",
+            personalized,
+            "",
+        ]
+    out += [
         "## Rounds",
         "",
         "Aggregates are example-weighted means over the sites that replied; validation split.",

@@ -11,7 +11,10 @@
      "final": {"federated": {site: {"ssim", "nrmse", "psnr"}}, "zero_filled": {...},
                "local_only": {...} (optional), "centralized": {...} (optional)},
      "timings": {"total_seconds", "rounds_seconds"},
-     "status": "completed" | "failed: <reason>"}
+     "status": "completed" | "failed: <reason>",
+     "personalization": {site: {"seen": bool, "before": {"ssim", "nrmse", "psnr"},
+                                "after": {...}, "r_fine", "n_fine", "fine_tune", "decision"}
+                         | {"seen": bool, "error": str}}  (optional, server/personalize.py)}
 
 ``fedunroll report`` reads it; :func:`validate_results` is the schema check both sides use.
 """
@@ -64,9 +67,10 @@ def build(
     final: Mapping[str, Any],
     total_seconds: float,
     status: str,
+    personalization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results dict in schema order."""
-    return {
+    out = {
         "schema": SCHEMA,
         "name": name,
         "config": dict(config),
@@ -80,6 +84,9 @@ def build(
         },
         "status": status,
     }
+    if personalization:
+        out["personalization"] = dict(personalization)
+    return out
 
 
 def write(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
@@ -145,3 +152,15 @@ def validate_results(data: Mapping[str, Any], where: str = RESULTS) -> None:
     status = data["status"]
     if status != "completed" and not str(status).startswith("failed: "):
         raise ValueError(f"{where}: field 'status': {status!r}")
+    for site, entry in (data.get("personalization") or {}).items():
+        if "seen" not in entry:
+            raise ValueError(f"{where}: personalization.{site}: missing field 'seen'")
+        if "error" in entry:
+            continue
+        for key in ("before", "after", "r_fine", "n_fine", "fine_tune"):
+            if key not in entry:
+                raise ValueError(f"{where}: personalization.{site}: missing field {key!r}")
+        for key in ("before", "after"):
+            for m in METRIC_KEYS:
+                if m not in entry[key]:
+                    raise ValueError(f"{where}: personalization.{site}.{key}: missing {m!r}")

@@ -97,7 +97,8 @@ def resume_config(run_dir: Path, overrides: Mapping[str, Any]) -> RunConfig:
 # --- data ----------------------------------------------------------------------------------------
 def site_dirs(cfg: RunConfig) -> list[Path]:
     root = Path(cfg.data.root)
-    return [root / f"site{k}" for k in range(cfg.data.num_sites)]
+    # training sites site0..site{n-1}, then the held-out (unseen) ones: one SuperNode each
+    return [root / f"site{k}" for k in range(cfg.data.num_sites + cfg.data.unseen_sites)]
 
 
 def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
@@ -111,13 +112,14 @@ def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
         missing = [str(d) for d in dirs if not d.is_dir()]
         raise FileNotFoundError(
             f"data.root {root} has no folder(s) {missing} for data.num-sites="
-            f"{cfg.data.num_sites}; simulation maps partition k to <data.root>/site<k>"
+            f"{cfg.data.num_sites} (+ data.unseen-sites={cfg.data.unseen_sites}); "
+            "simulation maps partition k to <data.root>/site<k>"
         )
     from recon.data import generate_sites
 
     d = cfg.data
     print(
-        f"generating {d.num_sites} synthetic {'IID' if d.iid else 'non-IID'} sites "
+        f"generating {len(dirs)} synthetic {'IID' if d.iid else 'non-IID'} sites "
         f"({d.synth_slices} slices each) in {root} ...",
         file=log,
         flush=True,
@@ -125,7 +127,7 @@ def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
     overrides = {"num_coils": d.synth_coils} if d.synth_coils else None
     generate_sites(
         root,
-        n_sites=d.num_sites,
+        n_sites=len(dirs),
         n_slices=d.synth_slices,
         seed=d.seed,
         matrix=d.synth_size or None,
@@ -412,11 +414,15 @@ def run_simulation(
     log_path = run_dir / "simulation.log"
     superlink_log = flwr_home / "superlink.log"
     federation = (
-        f"num-supernodes={cfg.data.num_sites} "
+        f"num-supernodes={cfg.data.num_sites + cfg.data.unseen_sites} "
         f"client-resources-num-cpus={cfg.sim.client_cpus} "
         f"client-resources-num-gpus={cfg.sim.client_gpus}"
     )
-    env = {**FLWR_ENV, "FLWR_HOME": str(flwr_home)}
+    # The SuperLink spawns `flower-superexec` by name: put this interpreter's scripts first on
+    # PATH, so a venv that is not activated (`.venv/bin/fedunroll`, `make test`) still works.
+    bindir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+    env = {**FLWR_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
     with tempfile.TemporaryDirectory(prefix="fedunroll-app-") as staging, _sigterm_as_interrupt():
         app = app_dir(Path(staging))
         with ProcessGroup(env) as group, open(log_path, "a") as log, open(superlink_log, "a") as sl:

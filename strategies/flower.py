@@ -95,12 +95,33 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
-def _site_of(msg: Message) -> str:
-    if msg.has_content() and CONFIG in msg.content.config_records:
-        site = msg.content.config_records[CONFIG].get(SITE_ID)
+def reply_node(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply is about: the ``dst_node_id`` of the message it answers.
+
+    ``sent`` maps the message ids of the sent messages (set by the grid when it pushes them) to
+    their destination. An error reply made by the SuperLink for a dead node has the SuperLink's
+    own id as ``src_node_id``; only ``reply_to_message_id`` names the message, hence the node.
+    Falls back to ``src_node_id`` for a reply to no known message.
+    """
+    node = sent.get(reply.metadata.reply_to_message_id)
+    return reply.metadata.src_node_id if node is None else node
+
+
+def sent_nodes(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of messages the grid has pushed (ids are set on push)."""
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
+
+
+def site_of(reply: Message, node: int, known: dict[int, str]) -> str:
+    """The reply's ``site-id`` (learned into ``known``), else the node's known site, else
+    ``node-<id>``."""
+    if reply.has_content() and CONFIG in reply.content.config_records:
+        site = reply.content.config_records[CONFIG].get(SITE_ID)
         if site is not None:
-            return str(site)
-    return f"node-{msg.metadata.src_node_id}"
+            known[node] = str(site)
+    return known.get(node, f"node-{node}")
 
 
 def _aggregate_metrics(replies: list[Reply]) -> MetricRecord:
@@ -172,7 +193,9 @@ class _Base(_FlowerFedAvg):
         self.train_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.evaluate_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.num_nodes = 0  # connected nodes at the last configure_train
+        self.node_sites: dict[int, str] = {}  # node id -> site id, learned from replies
         self._global: Arrays | None = None
+        self._sent: list[Message] = []  # the last configure_* messages (ids set by the grid)
 
     # --- hooks for subclasses ---------------------------------------------------------
     def _train_config(self, config: ConfigRecord) -> None:
@@ -242,9 +265,15 @@ class _Base(_FlowerFedAvg):
         train_config[SERVER_ROUND] = self.round + 1
         self._train_config(train_config)
         content = RecordDict({ARRAYS: arrays, CONFIG: train_config, **self._extra_records()})
-        return self._construct_messages(content, node_ids, MessageType.TRAIN)
+        self._sent = list(self._construct_messages(content, node_ids, MessageType.TRAIN))
+        return self._sent
 
-    def _parse_train_reply(self, msg: Message) -> Reply:
+    def _who(self, msg: Message) -> tuple[int, str]:
+        """(node, site) a reply is about, via ``reply_to_message_id`` (see :func:`reply_node`)."""
+        node = reply_node(msg, sent_nodes(self._sent))
+        return node, site_of(msg, node, self.node_sites)
+
+    def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         content = msg.content
@@ -272,9 +301,13 @@ class _Base(_FlowerFedAvg):
                 validate_reply(cast, ref, record=name)  # e.g. float64 beyond float32 range
             parsed[name] = cast
         arrays = parsed.pop(ARRAYS)
-        return Reply(_site_of(msg), msg.metadata.src_node_id, num_examples, arrays, metrics, parsed)
+        return Reply(site, node, num_examples, arrays, metrics, parsed)
 
-    def _reject(self, round_: int, site: str, reason: str, phase: str) -> None:
+    def reject(self, round_: int, site: str, reason: str, phase: str = "train") -> None:
+        """Record (and log) that ``site``'s ``phase`` reply of ``round_`` was dropped.
+
+        Also for replies that never came (the server's round loop calls it on a timeout).
+        """
         log(WARNING, "round %s: %s reply from %s rejected: %s", round_, phase, site, reason)
         self.rejected.append(Rejection(round_, site, reason, phase))
 
@@ -285,14 +318,14 @@ class _Base(_FlowerFedAvg):
         round_ = self.round + 1
         valid: list[Reply] = []
         for msg in replies:
-            site = _site_of(msg)
+            node, site = self._who(msg)
             if msg.has_error():
-                self._reject(round_, site, f"client error: {msg.error.reason}", "train")
+                self.reject(round_, site, f"client error: {msg.error.reason}", "train")
                 continue
             try:
-                valid.append(self._parse_train_reply(msg))
+                valid.append(self._parse_train_reply(msg, node, site))
             except ReplyError as err:
-                self._reject(round_, site, str(err), "train")
+                self.reject(round_, site, str(err), "train")
         valid.sort(key=lambda r: (r.site, r.node_id))  # arrival order must not matter
         log(INFO, "aggregate_train: %s valid replies", len(valid))
         if len(valid) < self.min_valid_replies:
@@ -320,7 +353,8 @@ class _Base(_FlowerFedAvg):
         eval_config = ConfigRecord(dict(config))
         eval_config[SERVER_ROUND] = self.round
         content = RecordDict({ARRAYS: arrays, CONFIG: eval_config})
-        return self._construct_messages(content, node_ids, MessageType.EVALUATE)
+        self._sent = list(self._construct_messages(content, node_ids, MessageType.EVALUATE))
+        return self._sent
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -328,18 +362,17 @@ class _Base(_FlowerFedAvg):
         """Example-weighted metrics of the valid evaluate replies; bad ones are recorded."""
         valid: list[Reply] = []
         for msg in replies:
-            site = _site_of(msg)
+            node_id, site = self._who(msg)
             if msg.has_error():
-                self._reject(self.round, site, f"client error: {msg.error.reason}", "evaluate")
+                self.reject(self.round, site, f"client error: {msg.error.reason}", "evaluate")
                 continue
             try:
                 if METRICS not in msg.content.metric_records:
                     raise ReplyError(f"missing MetricRecord {METRICS!r}")
                 metrics = dict(msg.content.metric_records[METRICS])
-                node_id = msg.metadata.src_node_id
                 valid.append(Reply(site, node_id, validate_metrics(metrics), {}, metrics))
             except ReplyError as err:
-                self._reject(self.round, site, str(err), "evaluate")
+                self.reject(self.round, site, str(err), "evaluate")
         if not valid:
             log(WARNING, "aggregate_evaluate: no valid replies in round %s", self.round)
             return None

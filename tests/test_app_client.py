@@ -172,3 +172,59 @@ def test_client_uses_one_thread() -> None:
     torch.set_num_threads(1)
     assert torch.get_num_threads() == 1
     assert isinstance(ArrayRecord(), ArrayRecord)
+
+
+def test_scaffold_state_goes_under_state_path_with_read_only_data(setup, tmp_path) -> None:
+    import os
+    import shutil
+    import stat
+
+    root, flat, arrays = setup
+    data = tmp_path / "data" / "site0"
+    shutil.copytree(root / "site0", data, ignore=shutil.ignore_patterns(".fedunroll"))
+    state = tmp_path / "state"
+    ro = stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
+    for d in (data, *[p for p in data.rglob("*") if p.is_dir()]):
+        os.chmod(d, ro)
+    try:
+        c = {k: np.zeros_like(v) for k, v in arrays.items()}
+        node = {"data-path": str(data), "site-id": "a", "state-path": str(state)}
+        reply, _ = _train(
+            flat,
+            arrays,
+            {SCAFFOLD_OPTION: "ii", MSG_RUN_UID: "ro"},
+            node,
+            **{SCAFFOLD_C_GLOBAL: to_record(c)},
+        )
+        assert not reply.has_error(), reply.error
+        files = sorted(p.name for p in (state / ".fedunroll" / "ro").iterdir())
+        assert files == ["scaffold_c.r000001.npz"]
+        assert not (data / ".fedunroll").exists()  # nothing written next to the data
+    finally:
+        for d in (data, *[p for p in data.rglob("*") if p.is_dir()]):
+            os.chmod(d, stat.S_IRWXU)
+
+
+@pytest.mark.parametrize("option", ["i", "ii"])
+def test_scaffold_with_gleam_leaves_frozen_controls_alone(setup, option) -> None:
+    """GLEAM sets one module's grads per backward and freezes lam: the correction skips
+    ``.grad is None`` and a parameter never trained gets Delta c_k = 0."""
+    _, flat, _ = setup
+    flat = {**flat, "train.method": "gleam", "model.shared": False}
+    arrays = {
+        k: v.detach().numpy().copy()
+        for k, v in initial_model(parse_run_config(flat)).state_dict().items()
+    }
+    c = {k: np.full_like(v, 1e-3) for k, v in arrays.items()}  # nonzero c: would move lam
+    config = {SCAFFOLD_OPTION: option, MSG_RUN_UID: f"gleam-{option}"}
+    reply, _ = _train(flat, arrays, config, **{SCAFFOLD_C_GLOBAL: to_record(c)})
+    assert not reply.has_error(), reply.error
+    delta = to_numpy(reply.content.array_records[SCAFFOLD_C_DELTA])
+    y = to_numpy(reply.content.array_records["arrays"])
+    frozen = [k for k in arrays if "lam" in k]
+    assert frozen
+    for k in frozen:
+        np.testing.assert_array_equal(y[k], arrays[k])
+        np.testing.assert_array_equal(delta[k], 0)
+    trained = [k for k in arrays if k.startswith("denoisers.") and k in delta]
+    assert trained and all(np.abs(delta[k]).sum() > 0 for k in trained)

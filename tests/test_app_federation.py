@@ -175,3 +175,36 @@ def test_resume_refuses_a_changed_config(root, tmp_path) -> None:
     again = {**flat}
     with pytest.raises(FileExistsError):
         run_federation(_grid(again, clients), parse_run_config(again))
+
+
+def test_superlink_error_reply_for_a_dead_node_names_its_site_once(root, tmp_path) -> None:
+    """The SuperLink answers for a dead node with src_node_id = its own id (1); the reply is
+    attributed through reply_to_message_id to the node the message went to."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    ok = _fake("ok")
+    calls = {"n": 0}
+
+    def dies_after_round_1(msg: Message, ctx: Context) -> Message:
+        calls["n"] += 1
+        if calls["n"] <= 2:  # round 1: train + evaluate
+            return ok(msg, ctx)
+        reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # what linkstate does
+        assert reply.metadata.reply_to_message_id == msg.metadata.message_id != ""
+        return reply
+
+    flat = tiny_config(root, tmp_path, {"strategy.name": "fedavg", "min-fit-clients": 2})
+    clients = {10: _fake("ok"), 11: dies_after_round_1, 12: _fake("ok")}
+    res = run_federation(_grid(flat, clients), parse_run_config(flat))
+    assert res["status"] == "completed"
+    assert res["rounds"][0]["rejected"] == []
+    rejected = res["rounds"][1]["rejected"]
+    train = [x for x in rejected if not x["reason"].startswith("evaluate")]
+    assert [x["site"] for x in train] == ["site1"], rejected
+    assert "Node Unavailable" in train[0]["reason"]
+    evaluate = [x for x in rejected if x["reason"].startswith("evaluate")]
+    assert [x["site"] for x in evaluate] == ["site1"], rejected
+    assert not any("node-1" in x["site"] or "round-timeout" in x["reason"] for x in rejected)
+    assert sorted(res["rounds"][1]["train"]) == ["site0", "site2"]

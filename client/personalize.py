@@ -1,0 +1,194 @@
+"""The hospital side of the personalization phase (issue 5; seed 000 Sec. 3.4 and 4.3).
+
+Two extra ClientApp actions, registered on :data:`client.app.app`:
+
+``query.site`` -> which site this node serves and whether it is held out of training
+    (``unseen``: in simulation a partition id >= ``data.num-sites``; in deployment the node
+    config ``unseen=true``). The server asks once per node when ``data.unseen-sites`` > 0 and
+    never sends a train or evaluate message to an unseen node.
+
+``train.personalize`` -> :func:`recon.train.personalize.personalize` of the received final
+    global model on the site's training slices (k-fold CV for r_fine / N_fine, early stopping,
+    the low-data guard), with the site's test slices for the before/after metrics. The
+    personalized weights and the full report stay at the site::
+
+        <state path>/.fedunroll/personalized_model.pt   (recon.models.checkpoint format)
+        <state path>/.fedunroll/personalization.json    (grid, CV curves, decision, metrics)
+
+    The reply carries scalar metrics only (no ArrayRecord): ``before-ssim`` / ``-nrmse`` /
+    ``-psnr``, ``after-*``, ``r-fine`` (0 when the global model is kept), ``n-fine``,
+    ``fine-tune`` (0/1), ``cv-ssim-global``, ``cv-ssim-best``, ``num-examples``, ``seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.common.constant import ErrorCode
+
+from client.site import Site, load_split, resolve_site
+from recon.models import build_model
+from recon.models.checkpoint import save_checkpoint
+from recon.train.personalize import PersonalizeConfig, personalize
+from server.config import RunConfig, parse_run_config
+from strategies.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE_ID
+
+# Message types and record keys of the phase (shared with server.personalize).
+PERSONALIZE = "train.personalize"
+SITE_QUERY = "query.site"
+UNSEEN = "unseen"  # config key of the site-query reply, and the deployment node-config key
+P_LRS = "personalize.lrs"
+P_MAX_EPOCHS = "personalize.max-epochs"
+P_FOLDS = "personalize.folds"
+P_PATIENCE = "personalize.patience"
+P_MIN_GAIN = "personalize.min-gain"
+MODEL_FILE = "personalized_model.pt"
+REPORT_FILE = "personalization.json"
+METRIC_KEYS = ("ssim", "nrmse", "psnr")
+
+
+def is_unseen(node_config: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether this node serves a site held out of training.
+
+    Deployment: node config ``unseen=true`` (or ``"true"``/``1``). Simulation: partition id
+    ``>= data.num-sites`` (``fedunroll simulate`` starts ``num-sites + unseen-sites`` nodes).
+    """
+    if UNSEEN in node_config:
+        value = node_config[UNSEEN]
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes")
+        return bool(value)
+    if "data-path" not in node_config and "partition-id" in node_config:
+        return int(node_config["partition-id"]) >= cfg.data.num_sites  # type: ignore[arg-type]
+    return False
+
+
+def personalize_config(cfg: RunConfig, config: ConfigRecord) -> PersonalizeConfig:
+    """The CV grid the server sent (falling back to the run config), with the training loss."""
+    p = cfg.personalize
+    lrs = str(config.get(P_LRS, p.lrs))
+    return PersonalizeConfig(
+        lrs=tuple(float(v) for v in lrs.split(",") if v.strip()),
+        max_epochs=int(config.get(P_MAX_EPOCHS, p.max_epochs)),  # type: ignore[arg-type]
+        folds=int(config.get(P_FOLDS, p.folds)),  # type: ignore[arg-type]
+        patience=int(config.get(P_PATIENCE, p.patience)),  # type: ignore[arg-type]
+        min_gain=float(config.get(P_MIN_GAIN, p.min_gain)),  # type: ignore[arg-type]
+        loss=cfg.train.loss,
+        seed=cfg.train.seed,
+    )
+
+
+def _setup(context: Context) -> tuple[RunConfig, Site]:
+    torch.set_num_threads(1)
+    cfg = parse_run_config(dict(context.run_config))
+    return cfg, resolve_site(dict(context.node_config), cfg)
+
+
+def _site_name(context: Context) -> str:
+    nc = context.node_config
+    return str(nc.get("site-id", nc.get("partition-id", "?")))
+
+
+def _error_reply(msg: Message, site: str, exc: BaseException) -> Message:
+    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
+    reason = f"site {site}: {type(exc).__name__}: {exc}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def site_query_handler(msg: Message, context: Context) -> Message:
+    """``query.site``: ``config = {site-id, unseen}``; nothing else."""
+    try:
+        cfg, site = _setup(context)
+        unseen = is_unseen(dict(context.node_config), cfg)
+        content = RecordDict({CONFIG: ConfigRecord({SITE_ID: site.site_id, UNSEEN: unseen})})
+        return Message(content, reply_to=msg)
+    except Exception as exc:
+        return _error_reply(msg, _site_name(context), exc)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def personalize_handler(msg: Message, context: Context) -> Message:
+    """``train.personalize``: fine-tune locally, keep the weights, reply the metrics only."""
+    site_name = _site_name(context)
+    try:
+        cfg, site = _setup(context)
+        site_name = site.site_id
+        t0 = time.perf_counter()
+        config = msg.content.config_records.get(CONFIG, ConfigRecord())
+        p_cfg = personalize_config(cfg, config)
+        model = build_model(cfg.model.to_model_config())
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
+        model = model.to(site.device)
+        train_set = load_split(site, cfg, "train")
+        test_set = load_split(site, cfg, "test")
+        tuned, report = personalize(
+            model, train_set, p_cfg, site.device, test_set=test_set, progress=False
+        )
+        folder = Path(site.state_path) / ".fedunroll"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            tuned,  # type: ignore[arg-type]
+            cfg.model.to_model_config(),
+            folder / MODEL_FILE,
+            site=site.site_id,
+            personalization={k: report[k] for k in ("r_fine", "n_fine", "fine_tune", "decision")},
+        )
+        _atomic_json(folder / REPORT_FILE, {"site": site.site_id, **report})
+        log(INFO, "site %s: %s; kept at %s", site.site_id, report["decision"], folder / MODEL_FILE)
+        metrics: dict[str, Any] = {
+            NUM_EXAMPLES: len(train_set),
+            **{f"before-{k}": float(report["before"][k]) for k in METRIC_KEYS},
+            **{f"after-{k}": float(report["after"][k]) for k in METRIC_KEYS},
+            "r-fine": float(report["r_fine"] or 0.0),
+            "n-fine": int(report["n_fine"]),
+            "fine-tune": int(bool(report["fine_tune"])),
+            "cv-ssim-global": float(report["cv_ssim_global"]),
+            "cv-ssim-best": float(report["cv_ssim_best"]),
+            "seconds": time.perf_counter() - t0,
+        }
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
+        content = RecordDict(
+            {METRICS: MetricRecord(metrics), CONFIG: ConfigRecord({SITE_ID: site.site_id})}
+        )
+        return Message(content, reply_to=msg)
+    except Exception as exc:
+        return _error_reply(msg, site_name, exc)
+
+
+def register(app: Any) -> None:
+    """Add both actions to a :class:`flwr.clientapp.ClientApp`."""
+    app.query("site")(site_query_handler)
+    app.train("personalize")(personalize_handler)
+
+
+__all__ = [
+    "PERSONALIZE",
+    "SITE_QUERY",
+    "UNSEEN",
+    "is_unseen",
+    "personalize_config",
+    "personalize_handler",
+    "register",
+    "site_query_handler",
+]

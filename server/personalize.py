@@ -1,0 +1,241 @@
+"""The server side of the personalization phase (issue 5; seed 000 Sec. 3.4, 4.3, Table 1).
+
+Held-out ("unseen") sites: with ``data.unseen-sites`` > 0 the server asks every node once which
+site it serves and whether it is held out (a ``query.site`` message, answered by
+:func:`client.personalize.site_query_handler`). :class:`TrainingGrid` then hides the unseen
+nodes from the round loop, so they never get a train or evaluate message; nodes that connect
+later are asked when they first appear.
+
+After the last round (``personalize.enabled``), :func:`personalization_phase` sends the final
+global arrays and the CV grid in a ``train.personalize`` message to every connected node, seen
+and unseen; each site fine-tunes locally, keeps the weights and replies scalar metrics only.
+The replies become ``results.json["personalization"]``::
+
+    {site: {"seen": bool, "before": {"ssim", "nrmse", "psnr"}, "after": {...},
+            "r_fine": float | null, "n_fine": int, "fine_tune": bool, "decision": str,
+            "num-examples": int, "seconds": float}}
+
+A site that fails is recorded as ``{"seen": bool, "error": reason}``; the run stays completed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from client.personalize import (
+    P_FOLDS,
+    P_LRS,
+    P_MAX_EPOCHS,
+    P_MIN_GAIN,
+    P_PATIENCE,
+    PERSONALIZE,
+    SITE_QUERY,
+    UNSEEN,
+)
+from server.config import MSG_RUN_UID, RunConfig
+from strategies.records import ARRAYS, CONFIG, METRICS, SITE_ID, ReplyError, validate_metrics
+
+METRIC_KEYS = ("ssim", "nrmse", "psnr")
+
+
+def _exchange(
+    grid: Grid, messages: list[Message], timeout: float
+) -> tuple[list[tuple[Message, int]], list[int]]:
+    """Send and wait; (reply, node) pairs attributed through ``reply_to_message_id``, and the
+    nodes that did not reply."""
+    if not messages:
+        return [], []
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    pairs = [(r, sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in replies]
+    replied = {n for _, n in pairs}
+    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+    return pairs, missing
+
+
+class TrainingGrid(Grid):
+    """``grid`` without its unseen nodes; every other call goes to ``grid`` unchanged.
+
+    ``unseen`` (node -> bool) and ``sites`` (node -> site id) are filled by asking each new
+    node once (``query.site``). A node that cannot answer counts as a training node (a broken
+    site then fails its train message and is excluded there, with the reason).
+    """
+
+    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+        self.grid = grid
+        self.timeout = cfg.federation.round_timeout
+        self.unseen: dict[int, bool] = {}
+        self.sites: dict[int, str] = {}
+
+    def classify(self, nodes: Iterable[int]) -> None:
+        """Ask the nodes not asked yet which site they serve and whether it is held out."""
+        new = [n for n in nodes if n not in self.unseen]
+        if not new:
+            return
+        msgs = [
+            Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=n, message_type=SITE_QUERY)
+            for n in new
+        ]
+        pairs, missing = _exchange(self.grid, msgs, self.timeout)
+        for reply, node in pairs:
+            self.unseen[node] = False
+            if reply.has_error():
+                log(WARNING, "site query: node %d failed: %s", node, reply.error.reason)
+                continue
+            config = reply.content.config_records.get(CONFIG, ConfigRecord())
+            self.unseen[node] = bool(config.get(UNSEEN, False))
+            if SITE_ID in config:
+                self.sites[node] = str(config[SITE_ID])
+        for node in missing:
+            self.unseen[node] = False
+            log(WARNING, "site query: no reply from node %d; treated as a training site", node)
+        held_out = sorted(self.sites.get(n, f"node-{n}") for n in new if self.unseen[n])
+        if held_out:
+            log(INFO, "held out of training (unseen): %s", ", ".join(held_out))
+
+    # --- Grid API -------------------------------------------------------------------------
+    def get_node_ids(self) -> Iterable[int]:
+        nodes = list(self.grid.get_node_ids())
+        self.classify(nodes)
+        return [n for n in nodes if not self.unseen.get(n, False)]
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # type: ignore[override]
+        return self.grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[str]:  # type: ignore[override]
+        return self.grid.pull_messages(message_ids)  # type: ignore[return-value]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def personalize_config_record(cfg: RunConfig, run_uid: str) -> ConfigRecord:
+    """What a ``train.personalize`` message tells the sites besides the arrays."""
+    p = cfg.personalize
+    return ConfigRecord(
+        {
+            MSG_RUN_UID: run_uid,
+            P_LRS: p.lrs,
+            P_MAX_EPOCHS: p.max_epochs,
+            P_FOLDS: p.folds,
+            P_PATIENCE: p.patience,
+            P_MIN_GAIN: p.min_gain,
+        }
+    )
+
+
+def decision_text(entry: Mapping[str, Any]) -> str:
+    """One line for the report: what the site did with the global model."""
+    if entry["fine_tune"]:
+        return f"fine-tuned: r_fine={entry['r_fine']:g}, N_fine={entry['n_fine']} epochs"
+    return "kept the global model: cross-validation found no gain from fine-tuning"
+
+
+def personalization_entry(metrics: Mapping[str, Any], seen: bool) -> dict[str, Any]:
+    """A site's ``results.json["personalization"]`` entry from its reply metrics."""
+    fine_tune = bool(int(metrics["fine-tune"]))  # type: ignore[call-overload]
+    entry: dict[str, Any] = {
+        "seen": seen,
+        "before": {k: float(metrics[f"before-{k}"]) for k in METRIC_KEYS},
+        "after": {k: float(metrics[f"after-{k}"]) for k in METRIC_KEYS},
+        "r_fine": float(metrics["r-fine"]) if fine_tune else None,
+        "n_fine": int(metrics["n-fine"]),  # type: ignore[call-overload]
+        "fine_tune": fine_tune,
+        "num-examples": int(metrics["num-examples"]),  # type: ignore[call-overload]
+        "seconds": float(metrics.get("seconds", math.nan)),
+    }
+    for key in ("cv-ssim-global", "cv-ssim-best"):
+        if key in metrics:
+            entry[key.replace("-", "_")] = float(metrics[key])
+    entry["decision"] = decision_text(entry)
+    return entry
+
+
+def personalization_phase(
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: RunConfig,
+    run_uid: str,
+    unseen: Mapping[int, bool] | None = None,
+    sites: Mapping[int, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Ask every connected node (seen and unseen) to personalize ``arrays``; collect metrics.
+
+    Parameters
+    ----------
+    grid : Grid
+        The full grid (not the :class:`TrainingGrid` view): unseen sites personalize too.
+    unseen, sites : mapping node -> bool / site id, optional
+        What :class:`TrainingGrid` and the rounds learned; a node missing from ``unseen`` took
+        part in training (``seen``).
+    """
+    unseen = dict(unseen or {})
+    known = dict(sites or {})
+    nodes = list(grid.get_node_ids())
+    config = personalize_config_record(cfg, run_uid)
+    msgs = [
+        Message(
+            RecordDict({ARRAYS: arrays, CONFIG: config}),
+            dst_node_id=n,
+            message_type=PERSONALIZE,
+        )
+        for n in nodes
+    ]
+    log(INFO, "personalization: %d site(s), CV grid lrs=%s", len(nodes), cfg.personalize.lrs)
+    pairs, missing = _exchange(grid, msgs, cfg.personalize.timeout)
+    out: dict[str, dict[str, Any]] = {}
+    for reply, node in pairs:
+        seen = not unseen.get(node, False)
+        site = known.get(node, f"node-{node}")
+        if reply.has_error():
+            log(WARNING, "personalization: %s failed: %s", site, reply.error.reason)
+            out[site] = {"seen": seen, "error": reply.error.reason}
+            continue
+        config_rec = reply.content.config_records.get(CONFIG, ConfigRecord())
+        site = str(config_rec.get(SITE_ID, site))
+        try:
+            if reply.content.array_records:
+                raise ReplyError("personalization replies must not carry arrays")
+            metrics = dict(reply.content.metric_records[METRICS])
+            validate_metrics(metrics)
+            out[site] = personalization_entry(metrics, seen)
+        except (KeyError, ValueError, ReplyError) as err:
+            log(WARNING, "personalization: %s sent a bad reply: %s", site, err)
+            out[site] = {"seen": seen, "error": f"bad reply: {err}"}
+            continue
+        kind = "seen" if seen else "unseen"
+        log(INFO, "personalization: %s (%s): %s", site, kind, out[site]["decision"])
+    for node in missing:
+        site = known.get(node, f"node-{node}")
+        reason = f"no reply within personalize.timeout ({cfg.personalize.timeout:.0f} s)"
+        log(WARNING, "personalization: %s: %s", site, reason)
+        out[site] = {"seen": not unseen.get(node, False), "error": reason}
+    return dict(sorted(out.items()))
+
+
+__all__ = [
+    "TrainingGrid",
+    "decision_text",
+    "personalization_entry",
+    "personalization_phase",
+    "personalize_config_record",
+]
