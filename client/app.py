@@ -32,10 +32,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
+from client import nas
 from client.control import forget_run, load_control, save_control
 from client.site import Site, load_split, resolve_site
 from recon.data.sample import collate
-from recon.models import Unrolled, build_model
+from recon.models import Unrolled
 from recon.physics.sense import SenseOp
 from recon.train import TrainHooks, evaluate, get_loss
 from recon.train.methods import local_train
@@ -48,11 +49,14 @@ from server.config import (
 )
 from strategies import maths
 from strategies.flower import to_numpy, to_record
+from strategies.nas import FAIR_REPORT
 from strategies.records import (
     ARRAYS,
     CONFIG,
+    FAIR_RISK_GAP,
     FEDPROX_MU,
     METRICS,
+    NAS_ALPHA,
     NUM_EXAMPLES,
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
@@ -77,8 +81,11 @@ def _setup(context: Context) -> tuple[RunConfig, Site]:
     return cfg, resolve_site(dict(context.node_config), cfg)
 
 
-def _load_model(cfg: RunConfig, record: ArrayRecord, device: str) -> Unrolled:
-    model = build_model(cfg.model.to_model_config())
+def _load_model(
+    cfg: RunConfig, record: ArrayRecord, device: str, config: ConfigRecord | None = None
+) -> Unrolled:
+    # a searched denoiser's genotype travels in the message (client/nas.py)
+    model = nas.build_site_model(cfg, config or ConfigRecord())
     model.load_state_dict(record.to_torch_state_dict(), strict=True)
     return model.to(device)
 
@@ -184,8 +191,19 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
     server_round = int(config.get(SERVER_ROUND, 1))  # type: ignore[arg-type]
     run_uid = str(config.get(MSG_RUN_UID, "run"))
     data = load_split(site, cfg, "train")
-    model = _load_model(cfg, msg.content[ARRAYS], site.device)  # type: ignore[arg-type]
-    x = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the global model
+    seed = round_seed(cfg.train.seed, server_round, site.site_id)
+    if NAS_ALPHA in msg.content.array_records:  # search phase (client/nas.py)
+        records, search_metrics = nas.search_train(msg, cfg, data, site.device, seed)
+        return _reply(msg, site, search_metrics, **records)
+    model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
+    fair_metrics: dict[str, float] = {}
+    if config.get(FAIR_REPORT):  # fairfedavg: G_c of the received model (seed 001 Eq. 9)
+        fair_metrics[FAIR_RISK_GAP] = nas.global_risk_gap(context.state, run_uid, model, data, cfg)
+    if cfg.ema.enabled:  # start from the site's EMA of the global weights (seed 003 Eq. 7)
+        received = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        omega = nas.apply_ema(context.state, site.state_path, run_uid, server_round, received, cfg)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in omega.items()})
+    x = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the start point
     hooks = TrainHooks()
 
     mu = float(config.get(FEDPROX_MU, 0.0))  # type: ignore[arg-type]
@@ -207,7 +225,6 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         grad_x = _gradient_at(model, data, cfg, c_global, site.device) if option == "i" else None
         hooks.after_backward, grad_sum, counts = _scaffold_hook(model, c_global, c_local)
 
-    seed = round_seed(cfg.train.seed, server_round, site.site_id)
     steps = cfg.local_steps
     train_cfg = cfg.train.train_config(steps, seed)
     result = local_train(
@@ -250,8 +267,13 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         save_control(context.state, site.state_path, run_uid, server_round, c_new, loaded_round)
         extra[SCAFFOLD_C_DELTA] = to_record(c_delta)
 
+    if config.get(FAIR_REPORT):  # this round's local loss: next round's reference
+        fair_metrics["fair.local-loss"] = nas.keep_local_risk(
+            context.state, run_uid, model, data, cfg
+        )
     val = evaluate(model, load_split(site, cfg, "val"), site.device)
     metrics = {
+        **fair_metrics,
         NUM_EXAMPLES: len(data),
         "train-loss": result.mean_loss,
         "train-final-loss": result.final_loss,
@@ -278,7 +300,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         if split not in ("val", "test"):
             raise ValueError(f"config {MSG_EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
         data = load_split(site, cfg, split)
-        model = _load_model(cfg, msg.content[ARRAYS], site.device)  # type: ignore[arg-type]
+        model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
+        if NAS_ALPHA in msg.content.array_records:  # search phase: the supernet with global α
+            nas.load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
         result = evaluate(model, data, site.device)
         zf_key = (str(site.path.resolve()), split, cfg.data.mask, cfg.data.accel, cfg.data.seed)
         if zf_key not in _ZERO_FILLED:
@@ -290,7 +314,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             "seconds": time.perf_counter() - t0,
         }
         if config.get(MSG_RUN_DONE):
-            forget_run(context.state, site.state_path, str(config.get(MSG_RUN_UID, "run")))
+            run_uid = str(config.get(MSG_RUN_UID, "run"))
+            forget_run(context.state, site.state_path, run_uid)
+            nas.forget_nas_state(context.state, site.state_path, run_uid)
         return _reply(msg, site, metrics)
     except Exception as exc:
         return _error_reply(msg, site_name, exc)

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from recon.models import build_model, count_parameters
 from recon.models.checkpoint import save_checkpoint
 from server import checkpoint, results
+from server import nas as nas_phase
 from server.config import RunConfig, parse_run_config
 from server.federation import Federation, Progress
 from server.personalize import TrainingGrid, personalization_phase
@@ -57,12 +58,21 @@ def strategy_from_config(cfg: RunConfig) -> Any:
         common.update(eta=o.eta, beta_1=o.beta_1, beta_2=o.beta_2, tau=o.tau)
     elif name == "scaffold":
         common.update(eta_g=cfg.scaffold.eta_g, option=cfg.scaffold.option)
+    elif name == "fairfedavg":
+        common["gamma"] = cfg.fair.gamma
     return build_strategy(name, **common)
 
 
-def initial_model(cfg: RunConfig) -> torch.nn.Module:
-    """x_0: the model drawn under ``train.seed`` (the same one the baselines start from)."""
+def initial_model(cfg: RunConfig, genotype: Any = None) -> torch.nn.Module:
+    """x_0: the model drawn under ``train.seed`` (the same one the baselines start from).
+
+    ``genotype`` (a searched denoiser, :mod:`server.nas`) replaces the configured denoiser.
+    """
     torch.manual_seed(cfg.train.seed)
+    if genotype is not None:
+        from client.nas import build_genotype_model
+
+        return build_genotype_model(cfg, genotype)
     return build_model(cfg.model.to_model_config())
 
 
@@ -99,7 +109,10 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = strategy_from_config(cfg)
-    model = initial_model(cfg)
+    # model.denoiser = "nas": search first (nas.search-rounds) or read model.nas-genotype
+    search_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else grid
+    genotype = nas_phase.training_genotype(search_grid, cfg, run_dir)
+    model = initial_model(cfg, genotype)
     ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     name = run_dir.name
 
@@ -126,7 +139,15 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
     # the grid without them; they only personalize at the end (server/personalize.py).
     training_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else None
-    fed = Federation(training_grid or grid, strategy, cfg, run_dir, run_uid, after_round)
+    fed = Federation(
+        training_grid or grid,
+        strategy,
+        cfg,
+        run_dir,
+        run_uid,
+        after_round,
+        extra_config=nas_phase.genotype_config(genotype),
+    )
     personalization: dict[str, Any] = {}
     model_bytes = sum(a.nbytes for a in ref.values())
     status = "completed"
@@ -136,9 +157,13 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         fed.run(progress)
         final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
         model.load_state_dict(progress.arrays.to_torch_state_dict())
+        model_cfg = cfg.model.to_model_config()
+        if genotype is not None and not cfg.model.nas_genotype:  # searched in this run
+            genotype_path = str(run_dir / nas_phase.GENOTYPE_FILE)
+            model_cfg = model_cfg.model_copy(update={"nas_genotype": genotype_path})
         save_checkpoint(
             model,  # type: ignore[arg-type]
-            cfg.model.to_model_config(),
+            model_cfg,
             run_dir / "final_model.pt",
             run_config=cfg.flat(),
             rounds=progress.round,

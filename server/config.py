@@ -35,7 +35,18 @@ MSG_RUN_UID = "run.uid"  # identifies a run across resumes (Scaffold's c_k files
 MSG_EVAL_SPLIT = "eval.split"  # "val" every round, "test" for the final evaluation
 MSG_RUN_DONE = "run.done"  # on the final evaluation: sites may delete this run's client state
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold")
+STRATEGY_NAMES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "scaffold",
+    "fairfedavg",
+)
+# The derived genotype (JSON) sent with every message of a training phase with a searched
+# denoiser, so that sites build the same network (seed 001 Algorithm 2).
+MSG_NAS_GENOTYPE = "nas.genotype"
 
 
 class ConfigError(ValueError):
@@ -65,7 +76,9 @@ class FederationConfig(_Section):
 
 
 class StrategySection(_Section):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = "scaffold"
+    name: Literal[
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fairfedavg"
+    ] = "scaffold"
 
 
 class TrainSection(_Section):
@@ -101,13 +114,20 @@ class ModelSection(_Section):
     """MoDL size; the defaults are small (the paper's Nu=6, NCG=6 is ``--set`` away)."""
 
     arch: Literal["modl", "pgd"] = "modl"
-    denoiser: Literal["unet", "resnet", "convex"] = "unet"  # convex: train.method = layerwise
+    # convex: train.method = layerwise; nas: a searched / derived cell net (server/nas.py)
+    denoiser: Literal["unet", "resnet", "convex", "nas"] = "unet"
     num_unrolls: int = _k(4, "num-unrolls", ge=1, le=64)
     cg_iters: int = _k(4, "cg-iters", ge=1, le=100)
     lam_init: float = _k(0.05, "lam-init", gt=0)
     shared: bool = True
     unet_chans: int = _k(16, "unet-chans", ge=1)
     unet_pools: int = _k(3, "unet-pools", ge=1, le=6)
+    # denoiser = "nas": a genotype file gives the derived net ("" = the search net of
+    # nas-channels / nas-cells / nas-nodes, for nas.search-rounds > 0)
+    nas_genotype: str = _k("", "nas-genotype")
+    nas_channels: int = _k(16, "nas-channels", ge=1)
+    nas_cells: int = _k(3, "nas-cells", ge=1)
+    nas_nodes: int = _k(3, "nas-nodes", ge=1)
 
     def to_model_config(self) -> ModelConfig:
         """The :class:`recon.models.ModelConfig` to build."""
@@ -120,6 +140,10 @@ class ModelSection(_Section):
             shared=self.shared,
             unet_chans=self.unet_chans,
             unet_pools=self.unet_pools,
+            nas_genotype=self.nas_genotype or None,
+            nas_channels=self.nas_channels,
+            nas_cells=self.nas_cells,
+            nas_nodes=self.nas_nodes,
         )
 
 
@@ -154,6 +178,36 @@ class FedOptSection(_Section):
     beta_1: float = _k(0.9, "beta-1", ge=0, lt=1)
     beta_2: float = _k(0.99, "beta-2", ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+
+
+class FairSection(_Section):
+    """``strategy.name = "fairfedavg"``: fairness-adjusted weights (seed 001 Eq. 9-11)."""
+
+    gamma: float = Field(0.01, ge=0)
+
+
+class EmaSection(_Section):
+    """Client EMA of the global weights as the start of local training (seed 003 Eq. 7)."""
+
+    enabled: bool = False
+    gamma: float = Field(0.9, ge=0, lt=1)
+    form: Literal["adam", "printed", "plain"] = "adam"  # strategies.nas_maths.client_ema
+
+
+class NasSection(_Section):
+    """Federated architecture search before training (seed 001 Alg. 1, MiLeNAS seed 003 Eq. 6).
+
+    ``search-rounds > 0`` (with ``model.denoiser = "nas"`` and no ``model.nas-genotype``): that
+    many search rounds, the genotype derived (top-k per node) into ``<run dir>/genotype.json``,
+    then ``num-server-rounds`` training rounds of the derived network from scratch.
+    """
+
+    search_rounds: int = _k(0, "search-rounds", ge=0, le=100_000)
+    search_steps: int = _k(0, "search-steps", ge=0)  # 0 = the training phase's local steps
+    lr_alpha: float = _k(3e-3, "lr-alpha", gt=0)
+    lam: float = Field(1.0, ge=0)
+    val_fraction: float = _k(0.5, "val-fraction", gt=0, lt=1)
+    top_k: int = _k(2, "top-k", ge=1)
 
 
 class DataSection(_Section):
@@ -243,6 +297,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "run": RunSection,
     "personalize": PersonalizeSection,
     "sim": SimSection,
+    "fair": FairSection,
+    "ema": EmaSection,
+    "nas": NasSection,
 }
 
 
@@ -264,6 +321,9 @@ class RunConfig(BaseModel):
     run: RunSection = RunSection()
     personalize: PersonalizeSection = PersonalizeSection()
     sim: SimSection = SimSection()
+    fair: FairSection = FairSection()
+    ema: EmaSection = EmaSection()
+    nas: NasSection = NasSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -302,6 +362,18 @@ class RunConfig(BaseModel):
                     f"({m} modules) needs one denoiser per unroll: set model.shared = false "
                     "(or gleam.modules = 1)"
                 )
+        if self.nas.search_rounds and (model.denoiser != "nas" or model.nas_genotype):
+            raise ValueError(
+                'nas.search-rounds > 0 searches the denoiser: set model.denoiser = "nas" and '
+                'leave model.nas-genotype = ""'
+            )
+        if self.nas.search_rounds and not model.shared:
+            raise ValueError("nas.search-rounds > 0 needs model.shared = true (one search net)")
+        if model.denoiser == "nas" and not model.nas_genotype and not self.nas.search_rounds:
+            raise ValueError(
+                'model.denoiser = "nas" trains a derived net: set model.nas-genotype to a '
+                "genotype file, or nas.search-rounds > 0 to search one first"
+            )
         if method == "layerwise" and model.denoiser != "convex":
             raise ValueError(
                 f'train.method = "layerwise" trains convex blocks: set model.denoiser = "convex" '

@@ -88,6 +88,8 @@ class Federation:
         Stable id of the run across resumes (sent to clients as ``run.uid``).
     after_round : callable, optional
         ``after_round(round_record)`` after each checkpoint (progress printing, tests).
+    extra_config : dict, optional
+        Entries added to the config of every message (``nas.genotype`` of a searched net).
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class Federation:
         run_dir: Path,
         run_uid: str,
         after_round: Callable[[dict[str, Any]], None] | None = None,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.grid = grid
+        self.extra_config = dict(extra_config or {})  # added to every message's config
         self.strategy = strategy
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -137,7 +141,7 @@ class Federation:
         return self.sites.get(node, f"node-{node}")
 
     def _config(self, split: str | None = None) -> ConfigRecord:
-        config = ConfigRecord({MSG_RUN_UID: self.run_uid})
+        config = ConfigRecord({**self.extra_config, MSG_RUN_UID: self.run_uid})
         if split is not None:
             config[MSG_EVAL_SPLIT] = split
         return config

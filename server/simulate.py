@@ -79,9 +79,9 @@ def build_config(
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``data.root``, ``run.out`` and ``run.resume`` resolved against the current directory."""
+    """``data.root``, ``run.out``, ``run.resume`` and ``model.nas-genotype`` made absolute."""
     flat = cfg.flat()
-    for key in ("data.root", "run.out", "run.resume"):
+    for key in ("data.root", "run.out", "run.resume", "model.nas-genotype"):
         if flat[key]:
             flat[key] = str(Path(flat[key]).expanduser().resolve())
     return parse_run_config(flat)

@@ -606,9 +606,12 @@ def build_strategy(name: str, **kwargs: Any) -> _Base:
     ValueError
         For an unknown name or an option the strategy does not take; both list the valid ones.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[name]
+    from strategies.nas import NAS_STRATEGIES  # fairfedavg, nas-search (imports this module)
+
+    known = {**STRATEGIES, **NAS_STRATEGIES}
+    if name not in known:
+        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(known)}")
+    cls = known[name]
     accepted = _accepted_kwargs(cls)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
