@@ -37,8 +37,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
+from client.nas import build_site_model
 from client.site import Site, load_split, resolve_site
-from recon.models import build_model
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
 from server.config import RunConfig, parse_run_config
@@ -137,7 +137,7 @@ def personalize_handler(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
         config = msg.content.config_records.get(CONFIG, ConfigRecord())
         p_cfg = personalize_config(cfg, config)
-        model = build_model(cfg.model.to_model_config())
+        model = build_site_model(cfg, config)  # a searched genotype travels in the config
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
         model = model.to(site.device)
         train_set = load_split(site, cfg, "train")

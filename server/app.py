@@ -176,6 +176,7 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
                 run_uid,
                 unseen=training_grid.unseen if training_grid else None,
                 sites={**(training_grid.sites if training_grid else {}), **fed.sites},
+                extra_config=nas_phase.genotype_config(genotype),
             )
     except Exception as exc:
         error = exc

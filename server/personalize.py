@@ -128,8 +128,14 @@ class TrainingGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
-def personalize_config_record(cfg: RunConfig, run_uid: str) -> ConfigRecord:
-    """What a ``train.personalize`` message tells the sites besides the arrays."""
+def personalize_config_record(
+    cfg: RunConfig, run_uid: str, extra: Mapping[str, Any] | None = None
+) -> ConfigRecord:
+    """What a ``train.personalize`` message tells the sites besides the arrays.
+
+    ``extra`` carries what the training messages carried too (a searched denoiser's genotype),
+    so a site rebuilds the same architecture.
+    """
     p = cfg.personalize
     return ConfigRecord(
         {
@@ -139,6 +145,7 @@ def personalize_config_record(cfg: RunConfig, run_uid: str) -> ConfigRecord:
             P_FOLDS: p.folds,
             P_PATIENCE: p.patience,
             P_MIN_GAIN: p.min_gain,
+            **dict(extra or {}),
         }
     )
 
@@ -177,6 +184,7 @@ def personalization_phase(
     run_uid: str,
     unseen: Mapping[int, bool] | None = None,
     sites: Mapping[int, str] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Ask every connected node (seen and unseen) to personalize ``arrays``; collect metrics.
 
@@ -191,7 +199,7 @@ def personalization_phase(
     unseen = dict(unseen or {})
     known = dict(sites or {})
     nodes = list(grid.get_node_ids())
-    config = personalize_config_record(cfg, run_uid)
+    config = personalize_config_record(cfg, run_uid, extra_config)
     msgs = [
         Message(
             RecordDict({ARRAYS: arrays, CONFIG: config}),
