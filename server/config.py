@@ -254,7 +254,7 @@ class PersonalizeSection(_Section):
     max_epochs: int = _k(10, "max-epochs", ge=1, le=100_000)
     folds: int = Field(5, ge=2)
     patience: int = Field(3, ge=1)
-    min_gain: float = _k(0.0, "min-gain", ge=0)
+    min_gain: float = _k(0.005, "min-gain", ge=0)
     timeout: float = Field(3600.0, gt=0)  # seconds the server waits for the sites' replies
 
     @field_validator("lrs", mode="before")
