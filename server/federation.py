@@ -224,10 +224,33 @@ class Federation:
         )
 
     # --- the run ------------------------------------------------------------------------------
+    def wait_for_expected_sites(self, poll: float = 0.5) -> None:
+        """Give every expected site (``data.num-sites``) until ``node-wait-timeout`` to connect.
+
+        Without this, round 1 starts as soon as ``min-available-clients`` nodes are up and a
+        site that connects a moment later misses it. When the time is up the run starts with
+        the sites it has (the per-round wait then enforces ``min-available-clients``).
+        """
+        expected = self.cfg.data.num_sites
+        deadline = time.monotonic() + self.cfg.federation.node_wait_timeout
+        while len(list(self.grid.get_node_ids())) < expected and time.monotonic() < deadline:
+            time.sleep(poll)
+        connected = len(list(self.grid.get_node_ids()))
+        if connected < expected:
+            log(
+                WARNING,
+                "starting with %d of %d expected sites (node-wait-timeout %.0f s)",
+                connected,
+                expected,
+                self.cfg.federation.node_wait_timeout,
+            )
+
     def run(self, progress: Progress) -> Progress:
         """All remaining rounds; a checkpoint after each one."""
         started = time.perf_counter()
         total = self.cfg.federation.num_server_rounds
+        if progress.round < total:
+            self.wait_for_expected_sites()
         while progress.round < total:
             record = self.run_round(progress)
             self.checkpoint(progress, started)
