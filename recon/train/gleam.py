@@ -36,7 +36,14 @@ from recon.data.sample import Sample
 from recon.models.unrolled import Unrolled
 from recon.physics.sense import SenseOp
 from recon.train.losses import LossFn, get_loss
-from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, _progress, iterate_batches
+from recon.train.trainer import (
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    _progress,
+    iterate_batches,
+    optimizer_step,
+)
 
 
 @dataclass
@@ -223,19 +230,8 @@ def _gleam_step(
             pending.append(loss)
             x = x.detach()
         for m, loss in zip(block, pending):  # lines 9-13: per-module backward and update
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite GLEAM loss in module {m} at step {step} (slice {sample.meta}); "
-                    "lower the learning rate or check the data"
-                )
-            model.zero_grad(set_to_none=True)  # the hook must see this module's grads only
-            loss.backward(inputs=params[m])
-            if hooks.after_backward is not None:
-                hooks.after_backward(model)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params[m], cfg.grad_clip)
-            opts[m].step()
-            opts[m].zero_grad(set_to_none=True)
+            where = f"in GLEAM module {m} at step {step} (slice {sample.meta})"
+            optimizer_step(loss, model, params[m], opts[m], hooks, cfg.grad_clip, where)
             detached.append(loss.detach())
         del pending, loss  # free the finished modules' graphs before the next block
     return [float(v) for v in detached]

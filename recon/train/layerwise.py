@@ -31,7 +31,14 @@ from recon.models.denoisers import channels_to_complex, complex_to_channels
 from recon.models.unrolled import Unrolled
 from recon.physics.sense import SenseOp
 from recon.train.losses import get_loss, l2_loss
-from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, _progress, iterate_batches
+from recon.train.trainer import (
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    _progress,
+    iterate_batches,
+    optimizer_step,
+)
 
 
 @dataclass
@@ -142,19 +149,8 @@ def train_layerwise(
                 stage_loss = loss_fn(z, sample, physics)
                 if hooks.regularizer is not None:
                     stage_loss = stage_loss + hooks.regularizer(model)
-                if not torch.isfinite(stage_loss):
-                    raise FloatingPointError(
-                        f"non-finite layer-wise loss (denoiser {k}, block {b}, slice "
-                        f"{sample.meta}); lower the learning rate or check the data"
-                    )
-                model.zero_grad(set_to_none=True)
-                stage_loss.backward(inputs=params)
-                if hooks.after_backward is not None:
-                    hooks.after_backward(model)
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                where = f"in layer-wise denoiser {k}, block {b} (slice {sample.meta})"
+                optimizer_step(stage_loss, model, params, opt, hooks, cfg.grad_clip, where)
                 result.losses.append(float(stage_loss.detach()))
                 bar.update(1)
                 bar.set_postfix(stage=f"{k}.{b}", loss=f"{result.losses[-1]:.4f}")

@@ -104,6 +104,34 @@ def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
     )
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    hooks: TrainHooks,
+    grad_clip: float | None,
+    where: str,
+) -> None:
+    """One update of ``params`` from ``loss``, shared by every trainer.
+
+    Refuses a non-finite loss (``where`` says which step / module / slice), backpropagates into
+    ``params`` only, lets ``hooks.after_backward`` edit the gradients (Scaffold), clips, steps.
+    """
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss {where}; lower the learning rate or check the data"
+        )
+    model.zero_grad(set_to_none=True)  # hooks must see this update's gradients only
+    loss.backward(inputs=params)
+    if hooks.after_backward is not None:
+        hooks.after_backward(model)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train(
     model: Unrolled,
     dataset: Sequence[Sample],
@@ -132,18 +160,8 @@ def train(
             loss = loss_fn(x, sample, physics)  # type: ignore[arg-type]
             if hooks.regularizer is not None:
                 loss = loss + hooks.regularizer(model)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss at step {len(result.losses)} "
-                    f"(slice {sample.meta}); lower the learning rate or check the data"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if hooks.after_backward is not None:
-                hooks.after_backward(model)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            where = f"at step {len(result.losses)} (slice {sample.meta})"
+            optimizer_step(loss, model, params, opt, hooks, cfg.grad_clip, where)
             result.losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
