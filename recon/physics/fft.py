@@ -7,27 +7,49 @@ k-space centre (DC) sits at index ``(H // 2, W // 2)`` and Parseval holds exactl
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 _DIMS = (-2, -1)
 
 
+@functools.lru_cache(maxsize=32)
+def _modulation(
+    h: int, w: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(-1)^(n+m)`` checkerboard and the same times ``(-1)^(h/2 + w/2)``, ``[h, w]``.
+
+    For even ``h, w`` a circular shift by half the length is a modulation in the other domain, so
+    ``fftshift(fft2(ifftshift(x))) == post * fft2(pre * x)`` (and the same for ``ifft2``): two
+    multiplications instead of four ``roll`` copies, about twice as fast forward and backward.
+    """
+    n = torch.arange(h, device=device)[:, None] + torch.arange(w, device=device)[None, :]
+    pre = (1 - 2 * (n % 2)).to(dtype)
+    return pre, pre * (-1) ** (h // 2 + w // 2)
+
+
+def _centered(x: torch.Tensor, transform: Callable[..., torch.Tensor], name: str) -> torch.Tensor:
+    if not x.is_complex():
+        raise TypeError(f"{name} expects a complex tensor, got {x.dtype}")
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:  # odd sizes: the shifts are not modulations
+        x = torch.fft.ifftshift(x, dim=_DIMS)
+        x = transform(x, dim=_DIMS, norm="ortho")
+        return torch.fft.fftshift(x, dim=_DIMS)
+    pre, post = _modulation(h, w, x.real.dtype, x.device)
+    return transform(x * pre, dim=_DIMS, norm="ortho") * post
+
+
 def fft2c(x: torch.Tensor) -> torch.Tensor:
     """Centered orthonormal 2D FFT over the last two dims of a complex tensor ``[..., H, W]``."""
-    if not x.is_complex():
-        raise TypeError(f"fft2c expects a complex tensor, got {x.dtype}")
-    x = torch.fft.ifftshift(x, dim=_DIMS)
-    x = torch.fft.fft2(x, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(x, dim=_DIMS)
+    return _centered(x, torch.fft.fft2, "fft2c")
 
 
 def ifft2c(k: torch.Tensor) -> torch.Tensor:
     """Centered orthonormal inverse 2D FFT, the adjoint (and inverse) of :func:`fft2c`."""
-    if not k.is_complex():
-        raise TypeError(f"ifft2c expects a complex tensor, got {k.dtype}")
-    k = torch.fft.ifftshift(k, dim=_DIMS)
-    k = torch.fft.ifft2(k, dim=_DIMS, norm="ortho")
-    return torch.fft.fftshift(k, dim=_DIMS)
+    return _centered(k, torch.fft.ifft2, "ifft2c")
 
 
 def rss(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
