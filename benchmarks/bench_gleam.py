@@ -9,16 +9,21 @@ Three measurements, written to ``--out`` (JSON) with a PNG next to it:
    CUDA, over a short run after one warm-up step. ``peak_extra_mb`` = that peak minus the memory
    before the run (weights, data); ``activations_and_grads_mb`` = ``peak_extra_mb`` minus Adam's
    moments, which the memory workers allocate when the optimisers are built (``EagerAdam``).
-2. **Equal architecture, quality**: e2e vs GLEAM at N unrolls, same steps, PSNR on the held-out
-   slices of a synthetic site, and the per-unroll PSNR curve (seed 004 Fig. 9).
+2. **Equal architecture, quality**: e2e vs GLEAM at N unrolls, same steps, PSNR / SSIM on the
+   held-out slices of a synthetic site, and the per-unroll PSNR curve (seed 004 Fig. 9).
 3. **Equal memory, quality** (seed 004 Tables III-IV): e2e with ``B`` unrolls vs GLEAM with ``3B``
    unrolls in 3 modules of ``B`` (each module is the e2e network's size), same steps.
+
+The quality runs use unrolled PGD with a ResNet per unroll by default (``--quality-arch``; seed
+004's equal-memory comparison, Table III, is 2D PGD), repeated over ``--seeds`` initialisations
+(the JSON keeps every seed and the mean, the gains are paired by seed).
 
 Usage::
 
     python benchmarks/bench_gleam.py --out runs/bench_gleam.json                  # CPU defaults
     python benchmarks/bench_gleam.py --size 64 --coils 4 --unrolls 4 --quick --out /tmp/b.json
     python benchmarks/bench_gleam.py --device cuda --size 320 --coils 15 --unrolls 8 --out g.json
+    python benchmarks/bench_gleam.py --device cuda:0 --pgleam-devices cuda:0,cuda:1 ...  # 2 GPUs
 
 CPU runs set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the workers (see the
 compute notes: at glibc defaults greedy steps pay 3-15% in page faults).
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,16 +155,28 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     train_set = _load_data(spec, "train")
     test_set = _load_data(spec, "test") if spec.get("eval") else []
     torch.manual_seed(spec["seed"])
+    arch = spec.get("arch", "modl")
     model = build_model(
+        arch=arch,
+        denoiser="unet" if arch == "modl" else "resnet",
         num_unrolls=spec["unrolls"],
         cg_iters=spec["cg_iters"],
         shared=False,
         unet_chans=spec["chans"],
         lam_init=spec["lam"],
     ).to(device)
-    kwargs = {"num_modules": spec["modules"]} if spec["method"] == "gleam" else {}
+    kwargs: dict[str, Any] = {}
+    if spec["method"] == "gleam":
+        kwargs["num_modules"] = spec["modules"]
+        if spec.get("devices"):  # P-GLEAM (Alg. 2): module m on devices[m % D]
+            kwargs["devices"] = spec["devices"]
     cfg = dict(lr=spec["lr"], loss=spec["loss"], seed=spec["seed"])
     cuda = device.type == "cuda"
+    # every CUDA device the run touches; the memory figure is the largest per-device peak
+    gpus = sorted(
+        {torch.device(d) for d in [device, *(spec.get("devices") or [])] if "cuda" in str(d)},
+        key=str,
+    )
 
     def fit(steps: int) -> Any:
         return local_train(
@@ -173,9 +191,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         fit(spec["warmup"])
     gc.collect()
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+        base_by_gpu = {}
+        for g in gpus:
+            torch.cuda.synchronize(g)
+            torch.cuda.reset_peak_memory_stats(g)
+            base_by_gpu[g] = torch.cuda.memory_allocated(g) / 2**20
+        base = base_by_gpu[device if device.index is not None else gpus[0]]
     else:
         hwm_reset = _reset_hwm()
         base = _status_mb("VmRSS")
@@ -187,9 +208,13 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     )
     if spec["mode"] == "memory":
         if cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            out["memory"] = "cuda max_memory_allocated"
+            extra = {}
+            for g in gpus:
+                torch.cuda.synchronize(g)
+                extra[g] = torch.cuda.max_memory_allocated(g) / 2**20 - base_by_gpu[g]
+            busiest = max(extra, key=lambda g: extra[g])
+            base, peak = base_by_gpu[busiest], base_by_gpu[busiest] + extra[busiest]
+            out["memory"] = f"cuda max_memory_allocated ({busiest}, the largest of {len(gpus)})"
         else:
             peak = _status_mb("VmHWM") if hwm_reset else resource.getrusage(0).ru_maxrss / 1024
             out["memory"] = "VmHWM after clear_refs" if hwm_reset else "ru_maxrss (not reset)"
@@ -208,7 +233,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["psnr"] = round(float(ev["psnr"]), 3)  # type: ignore[arg-type]
         out["ssim"] = round(float(ev["ssim"]), 4)  # type: ignore[arg-type]
         out["psnr_per_unroll"] = [round(v, 3) for v in ev["psnr_per_unroll"]]  # type: ignore[attr-defined]
-        out["psnr_zero_filled"] = round(float(evaluate(None, test_set)["psnr"]), 3)  # type: ignore[arg-type]
+        zf = evaluate(None, test_set)
+        out["psnr_zero_filled"] = round(float(zf["psnr"]), 3)  # type: ignore[arg-type]
+        out["ssim_zero_filled"] = round(float(zf["ssim"]), 4)  # type: ignore[arg-type]
         out["n_test"] = len(test_set)
     return out
 
@@ -234,17 +261,32 @@ def spawn(spec: dict[str, Any], log: bool = True) -> dict[str, Any]:
     return result
 
 
-def measure(base: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    """Peak memory (a short run under MEMORY_MALLOC_ENV) plus the ``base`` run (time, quality)."""
-    mem = spawn(dict(base, **spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
-    out = spawn(dict(base, **spec, mode=base.get("mode", "time")), log=False)
-    for k in ("memory", "base_mb", "peak_mb", "peak_extra_mb", "adam_state_mb"):
-        out[k] = mem[k]
-    out["activations_and_grads_mb"] = mem["activations_and_grads_mb"]
-    keys: tuple[str, ...] = ("method", "unrolls", "modules", "peak_extra_mb")
-    keys += ("activations_and_grads_mb",)
-    keys += ("time_per_iter_s", "psnr")
-    print("  " + ", ".join(f"{k}={out.get(k)}" for k in keys), flush=True)
+def measure(
+    base: dict[str, Any], specs: dict[str, dict[str, Any]], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Peak memory (one short run per method under MEMORY_MALLOC_ENV) and time per iteration.
+
+    The timing runs are interleaved (e2e, checkpoint, gleam, e2e, ...) ``repeats`` times and the
+    median is kept, so a burst of load on a shared machine hits every method alike; every sample
+    is in ``time_samples_s``.
+    """
+    peaks = {
+        name: spawn(dict(base, **spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
+        for name, spec in specs.items()
+    }
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+    for _ in range(repeats):
+        for name, spec in specs.items():
+            samples[name].append(spawn(dict(base, **spec, mode="time"), log=False))
+    out = {}
+    for name in specs:
+        times = [r["time_per_iter_s"] for r in samples[name]]
+        run = dict(samples[name][-1], time_per_iter_s=statistics.median(times))
+        run["time_samples_s"] = times
+        run.update({k: peaks[name][k] for k in MEMORY_KEYS})
+        keys = ("method", "unrolls", "modules", "activations_and_grads_mb", "time_per_iter_s")
+        print(f"  {name}: " + ", ".join(f"{k}={run.get(k)}" for k in keys), flush=True)
+        out[name] = run
     return out
 
 
@@ -271,6 +313,56 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
 
+MEMORY_KEYS = (
+    "memory",
+    "base_mb",
+    "peak_mb",
+    "peak_extra_mb",
+    "adam_state_mb",
+    "activations_and_grads_mb",
+)
+
+
+def _mean(values: list[float], digits: int = 3) -> float:
+    return round(sum(values) / len(values), digits)
+
+
+def quality_runs(base: dict[str, Any], seeds: list[int], **spec: Any) -> dict[str, Any]:
+    """Train and evaluate one method once per seed; the means plus every seed's numbers."""
+    runs = [spawn(dict(base, **spec, seed=seed)) for seed in seeds]
+    first = runs[0]
+    curves = [r["psnr_per_unroll"] for r in runs]
+    return {
+        **{k: first[k] for k in ("method", "unrolls", "modules", "params", "steps", "n_test")},
+        "psnr": _mean([r["psnr"] for r in runs]),
+        "ssim": _mean([r["ssim"] for r in runs], 4),
+        "psnr_per_unroll": [_mean([c[j] for c in curves]) for j in range(len(curves[0]))],
+        "psnr_zero_filled": first["psnr_zero_filled"],
+        "ssim_zero_filled": first["ssim_zero_filled"],
+        "time_per_iter_s": _mean([r["time_per_iter_s"] for r in runs], 4),
+        "per_seed": [
+            {"seed": seed}
+            | {k: r[k] for k in ("psnr", "ssim", "psnr_per_unroll", "final_loss", "wall_s")}
+            for seed, r in zip(seeds, runs)
+        ],
+    }
+
+
+def paired_gain(e2e: dict[str, Any], gleam: dict[str, Any]) -> dict[str, Any]:
+    """GLEAM minus e2e PSNR / SSIM, seed by seed (same initialisation seed and batch order)."""
+    gains = [round(g["psnr"] - e["psnr"], 3) for e, g in zip(e2e["per_seed"], gleam["per_seed"])]
+    ssim_gains = [
+        round(g["ssim"] - e["ssim"], 4) for e, g in zip(e2e["per_seed"], gleam["per_seed"])
+    ]
+    return {
+        "psnr_gain_gleam_minus_e2e": _mean(gains),
+        "psnr_gain_per_seed": gains,
+        "ssim_gain_gleam_minus_e2e": _mean(ssim_gains, 4),
+        "ssim_gain_per_seed": ssim_gains,
+        "gleam_better_psnr_in_seeds": sum(g > 0 for g in gains),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="JSON output path (PNG written next to it); required")
@@ -281,16 +373,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cg-iters", type=int, default=6)
     p.add_argument("--chans", type=int, default=16, help="U-Net width (16: 481k weights)")
     p.add_argument("--lam", type=float, default=0.05, help="MoDL lambda (fixed under GLEAM)")
+    p.add_argument(
+        "--pgleam-devices",
+        help="comma-separated devices (cuda:0,cuda:1) for an extra P-GLEAM run (seed 004 Alg. 2)",
+    )
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timing-steps", type=int, default=10)
+    p.add_argument("--timing-repeats", type=int, default=3, help="interleaved timing runs")
     p.add_argument("--timing-slices", type=int, default=4, help="phantoms of the timing runs")
     p.add_argument("--quality-size", type=int, default=64)
     p.add_argument("--quality-coils", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument(
+        "--quality-arch",
+        choices=["pgd", "modl"],
+        default="pgd",
+        help="quality runs: unrolled PGD + ResNet (seed 004 Table III) or MoDL + U-Net",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="initialisations of the quality runs")
     p.add_argument("--budget-unrolls", type=int, default=2, help="B: e2e unrolls at equal memory")
-    p.add_argument("--slices", type=int, default=60, help="slices of the synthetic site")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--slices", type=int, default=120, help="slices of the synthetic site")
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loss", default="ssim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="where to write the synthetic site (default: a temp dir)")
@@ -306,8 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.out:
         p.error("--out is required")
     if args.quick:
-        args.warmup, args.timing_steps = 1, 4
+        args.warmup, args.timing_steps, args.timing_repeats = 1, 4, 1
         args.train_steps, args.slices = min(args.train_steps, 120), min(args.slices, 40)
+        args.seeds = 1
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,14 +454,18 @@ def main(argv: list[str] | None = None) -> None:
         "seed": 0,
     }
     timing = dict(common, data=phantom, warmup=args.warmup, steps=args.timing_steps)
-    runs = {
-        name: measure(timing, method=method, unrolls=args.unrolls, modules=mods)
+    specs: dict[str, dict[str, Any]] = {
+        name: {"method": method, "unrolls": args.unrolls, "modules": mods}
         for name, method, mods in [
             ("e2e", "e2e", None),
             ("checkpoint", "checkpoint", None),
             ("gleam", "gleam", args.unrolls),
         ]
     }
+    if args.pgleam_devices:
+        devices = [d.strip() for d in args.pgleam_devices.split(",") if d.strip()]
+        specs["pgleam"] = dict(specs["gleam"], devices=devices)
+    runs = measure(timing, specs, args.timing_repeats)
     e2e, ckpt, gl = runs["e2e"], runs["checkpoint"], runs["gleam"]
     m = args.unrolls
     report["memory_time"] = {
@@ -380,6 +489,10 @@ def main(argv: list[str] | None = None) -> None:
         "target_time_met": gl["time_per_iter_s"] <= 1.1 * e2e["time_per_iter_s"]
         and gl["time_per_iter_s"] < ckpt["time_per_iter_s"],
     }
+    if "pgleam" in runs:
+        report["memory_time"]["time_ratio_pgleam_over_gleam"] = ratio(
+            runs["pgleam"]["time_per_iter_s"], gl["time_per_iter_s"]
+        )
 
     # 2-3. quality at equal architecture and at equal memory
     if not args.skip_quality:
@@ -397,22 +510,36 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  synthetic site in {root}", flush=True)
             qdata = make_site(args, root)
         quality = dict(
-            common, data=qdata, warmup=0, steps=args.train_steps, eval=True, mode="quality"
+            common,
+            data=qdata,
+            arch=args.quality_arch,
+            warmup=0,
+            steps=args.train_steps,
+            eval=True,
+            mode="quality",
         )
+        seeds = list(range(args.seed, args.seed + args.seeds))
         n, b = args.unrolls, args.budget_unrolls
-        print(f"[2/3] equal architecture N={n}, {args.train_steps} steps", flush=True)
+        print(
+            f"[2/3] equal architecture {args.quality_arch} N={n}, {args.train_steps} steps, "
+            f"seeds {seeds}",
+            flush=True,
+        )
         arch: dict[str, Any] = {
-            "e2e": spawn(dict(quality, method="e2e", unrolls=n, modules=None)),
-            "gleam": spawn(dict(quality, method="gleam", unrolls=n, modules=n)),
+            "e2e": quality_runs(quality, seeds, method="e2e", unrolls=n, modules=None),
+            "gleam": quality_runs(quality, seeds, method="gleam", unrolls=n, modules=n),
         }
-        arch["psnr_gain_gleam_minus_e2e"] = round(arch["gleam"]["psnr"] - arch["e2e"]["psnr"], 3)
+        arch.update(paired_gain(arch["e2e"], arch["gleam"]))
         report["equal_architecture"] = arch
         print(f"[3/3] equal memory: e2e N={b} vs GLEAM N={3 * b} (3 modules)", flush=True)
-        mem: dict[str, Any] = {
-            k: measure(quality, method=k, unrolls=u, modules=mods)
-            for k, u, mods in (("e2e", b, None), ("gleam", 3 * b, 3))
-        }
-        mem["psnr_gain_gleam_minus_e2e"] = round(mem["gleam"]["psnr"] - mem["e2e"]["psnr"], 3)
+        mem: dict[str, Any] = {}
+        for k, u, mods in (("e2e", b, None), ("gleam", 3 * b, 3)):
+            spec = dict(quality, method=k, unrolls=u, modules=mods)
+            mem[k] = quality_runs(quality, seeds, method=k, unrolls=u, modules=mods)
+            peak = spawn(dict(spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
+            for key in MEMORY_KEYS:
+                mem[k][key] = peak[key]
+        mem.update(paired_gain(mem["e2e"], mem["gleam"]))
         mem["memory_ratio_gleam_over_e2e"] = ratio(
             mem["gleam"]["peak_extra_mb"], mem["e2e"]["peak_extra_mb"]
         )
@@ -440,10 +567,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax = axes[0]
     runs = report["memory_time"]["runs"]
     names = list(runs)
-    ax[0].bar(names, [runs[k]["activations_and_grads_mb"] for k in names], color=["C0", "C1", "C2"])
+    colors = ["C0", "C1", "C2", "C3"][: len(names)]
+    ax[0].bar(names, [runs[k]["activations_and_grads_mb"] for k in names], color=colors)
     ax[0].set_ylabel("peak activations + gradients (MB)")
     ax[0].set_title(f"MoDL N={runs['e2e']['unrolls']}: memory")
-    ax[1].bar(names, [runs[k]["time_per_iter_s"] for k in names], color=["C0", "C1", "C2"])
+    ax[1].bar(names, [runs[k]["time_per_iter_s"] for k in names], color=colors)
     ax[1].set_ylabel("time per iteration (s)")
     ax[1].set_title("time per iteration")
     if panels == 3:
@@ -466,7 +594,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ha="center",
                 va="bottom",
             )
-        ax[3].set_ylim(min(vals) - 2, max(vals) + 1)
+        for i, k in enumerate(("e2e", "gleam")):
+            seeds = [r["psnr"] for r in mem[k]["per_seed"]]
+            ax[3].plot([i] * len(seeds), seeds, "k.", zorder=3)
+        ax[3].axhline(mem["e2e"]["psnr_zero_filled"], color="grey", ls="--", lw=1)
+        ax[3].set_ylim(min(vals + [mem["e2e"]["psnr_zero_filled"]]) - 1, max(vals) + 1)
         ax[3].set_ylabel("PSNR (dB), held-out")
         ax[3].set_title("equal memory")
     fig.tight_layout()

@@ -227,8 +227,11 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
 
     steps = cfg.local_steps
     train_cfg = cfg.train.train_config(steps, seed)
+    options = cfg.method_options()
+    if cfg.train.method == "gleam" and site.gleam_devices:  # P-GLEAM over the site's GPUs
+        options["devices"] = list(site.gleam_devices)
     result = local_train(
-        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **cfg.method_options()
+        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options
     )
 
     if scaffold:

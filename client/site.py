@@ -31,13 +31,16 @@ class SiteError(ValueError):
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital: a readable id, its data folder, the torch device it trains on and the
-    writable folder of its per-site state (``None``: the data folder)."""
+    """One hospital: a readable id, its data folder, the torch device it trains on, the
+    writable folder of its per-site state (``None``: the data folder) and, for
+    ``train.method = "gleam"``, the devices its modules are spread over (P-GLEAM; empty: all on
+    ``device``)."""
 
     site_id: str
     path: Path
     device: str
     state_path: Path = None  # type: ignore[assignment]  # set in __post_init__
+    gleam_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.state_path is None:
@@ -74,7 +77,21 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
     state_path = Path(str(state)).expanduser() if state else path
     if state_path.exists() and not state_path.is_dir():
         raise SiteError(f"state-path {str(state_path)!r} exists and is not a directory")
-    return Site(site_id, path, device, state_path)
+    gleam_devices = parse_devices(node_config.get("gleam-devices"))
+    return Site(site_id, path, device, state_path, gleam_devices)
+
+
+def parse_devices(value: object) -> tuple[str, ...]:
+    """Node config ``gleam-devices="cuda:0,cuda:1"``: where a site's GLEAM modules run.
+
+    A hospital whose GPUs are each too small for the model spreads the modules over them
+    (seed 004 Alg. 2, module ``m`` on ``devices[m % D]``); every entry is checked like
+    ``device``.
+    """
+    if value is None or not str(value).strip():
+        return ()
+    names = [d.strip() for d in str(value).replace(" ", ",").split(",") if d.strip()]
+    return tuple(resolve_device(d) for d in names)
 
 
 def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:

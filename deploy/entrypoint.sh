@@ -16,7 +16,8 @@
 # Environment (defaults in brackets): INSECURE [0], TLS_DIR [/tls], CA_DIR [/ca],
 # PUBKEYS_DIR [/pubkeys], SUPERLINK [superlink:8000], SITES [3], SITE_INDEX / SITE_ID,
 # NODE_KEY [/keys/node.key], DATA_PATH [/data], STATE_PATH (writable per-site state, e.g.
-# Scaffold's c_k, when the data are mounted read-only), DEVICE [auto], SYNTH [0], JOIN_TIMEOUT [600],
+# Scaffold's c_k, when the data are mounted read-only), DEVICE [auto], GLEAM_DEVICES (P-GLEAM:
+# 'cuda:0,cuda:1' spreads a train.method=gleam model over the site's GPUs), SYNTH [0], JOIN_TIMEOUT [600],
 # ROUNDS [3], LOCAL_STEPS [10], MIN_SITES [$SITES], RUN_NAME, RUN_CONFIG ('key=value ...'),
 # RESULTS [/results].
 set -euo pipefail
@@ -162,7 +163,7 @@ role_supernode() {
         fi
     fi
     local args=(--superlink "$SUPERLINK" --port "${CLIENTAPPIO_PORT:-9094}"
-        --node-config "data-path=\"$data\" site-id=\"$site_id\" device=\"${DEVICE:-auto}\"${STATE_PATH:+ state-path=\"$STATE_PATH\"}")
+        --node-config "data-path=\"$data\" site-id=\"$site_id\" device=\"${DEVICE:-auto}\"${STATE_PATH:+ state-path=\"$STATE_PATH\"}${GLEAM_DEVICES:+ gleam-devices=\"$GLEAM_DEVICES\"}")
     if tls_on; then
         local key=${NODE_KEY:-/keys/node.key}
         if [[ ! -s $key ]]; then # first start: this site's key pair; the private key stays here
@@ -177,7 +178,7 @@ role_supernode() {
     else
         args+=(--insecure)
     fi
-    say "$site_id -> $SUPERLINK (data $data, device ${DEVICE:-auto})"
+    say "$site_id -> $SUPERLINK (data $data, device ${DEVICE:-auto}${GLEAM_DEVICES:+, gleam devices $GLEAM_DEVICES})"
     # Until its key is registered the SuperLink refuses the node (flower-supernode exits with
     # 305 & 255 = 49); retry for a bounded time. A SuperNode told to stop exits 0.
     local deadline=$((SECONDS + ${JOIN_TIMEOUT:-600})) rc child

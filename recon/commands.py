@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,52 @@ class DataConfig(BaseModel):
     maps: str = "espirit"
 
 
+class GleamOptions(BaseModel):
+    """``train.method = "gleam"`` (seed 004 Alg. 1 / 2): ``modules`` M (0: one per unroll),
+    ``devices`` for P-GLEAM (module m on ``devices[m % D]``), per-module ``lrs`` / ``losses``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modules: int = Field(0, ge=0)
+    devices: list[str] = []
+    lrs: list[float] | None = None
+    losses: list[str] | None = None
+
+
+class LayerwiseOptions(BaseModel):
+    """``train.method = "layerwise"`` (seed 002): steps per convex block (0: split evenly)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps_per_block: int = Field(0, ge=0)
+
+
+class TrainJob(NamedTuple):
+    """A job's validated configuration: ``[model] [train] [data] [gleam] [layerwise]``."""
+
+    model: Any  # recon.models.ModelConfig
+    train: Any  # recon.train.TrainConfig
+    data: DataConfig
+    method: str
+    gleam: GleamOptions
+    layerwise: LayerwiseOptions
+
+    def method_options(self) -> dict[str, Any]:
+        """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``."""
+        if self.method == "gleam":
+            g = self.gleam
+            opts: dict[str, Any] = {"num_modules": g.modules or None}
+            opts.update({k: v for k, v in (("lrs", g.lrs), ("losses", g.losses)) if v})
+            if g.devices:
+                opts["devices"] = [resolve_device(d) for d in g.devices]
+            return opts
+        if self.method == "layerwise":
+            return {"steps_per_block": self.layerwise.steps_per_block or None}
+        return {}
+
+
+ARCH_NAMES = {"modl": "MoDL", "pgd": "unrolled PGD"}
+
 # Defaults of the centralized job: the paper's MoDL, trained briefly (a couple of minutes on CPU).
 TRAIN_DEFAULTS: dict[str, Any] = {"train.steps": 300, "train.lr": 1e-3}
 
@@ -37,7 +83,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override one key, e.g. model.num_unrolls=4 train.lr=1e-3 data.accel=8",
+        help="override one key, e.g. model.num_unrolls=4 train.lr=1e-3 data.accel=8 "
+        "train.method=gleam gleam.modules=3",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
 
@@ -52,20 +99,34 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_job_config(args: argparse.Namespace, defaults: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Merge defaults < config file < --set into (ModelConfig, TrainConfig, DataConfig)."""
+def load_job_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainJob:
+    """Merge defaults < config file < --set into a validated :class:`TrainJob`.
+
+    ``train.method`` (e2e, checkpoint, gleam, layerwise) picks the trainer; it is checked
+    against the architecture here, before any data is read.
+    """
     from recon.models import ModelConfig
     from recon.overrides import load_config_file, parse_sets, split_sections
     from recon.train import TrainConfig
+    from recon.train.methods import check_method
 
     flat = {**defaults, **load_config_file(args.config), **parse_sets(args.set)}
-    groups = split_sections(flat, {"model", "train", "data"})
-    models: dict[str, type[BaseModel]] = {
-        "model": ModelConfig,
-        "train": TrainConfig,
-        "data": DataConfig,
-    }
-    return tuple(build_section(name, models[name], groups[name]) for name in models)
+    groups = split_sections(flat, {"model", "train", "data", "gleam", "layerwise"})
+    method = str(groups["train"].pop("method", "e2e"))
+    model = build_section("model", ModelConfig, groups["model"])
+    gleam = build_section("gleam", GleamOptions, groups["gleam"])
+    try:
+        check_method(method, model.num_unrolls, model.shared, model.denoiser, gleam.modules)
+    except ValueError as exc:
+        raise ValueError(f"bad configuration: {exc}") from None
+    return TrainJob(
+        model=model,
+        train=build_section("train", TrainConfig, groups["train"]),
+        data=build_section("data", DataConfig, groups["data"]),
+        method=method,
+        gleam=gleam,
+        layerwise=build_section("layerwise", LayerwiseOptions, groups["layerwise"]),
+    )
 
 
 def build_section(section: str, cls: type[BaseModel], values: dict[str, Any]) -> Any:
@@ -130,11 +191,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from recon.models import build_model, count_parameters
     from recon.models.checkpoint import save_checkpoint
-    from recon.train import evaluate, train
+    from recon.train import evaluate
+    from recon.train.methods import local_train
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model_cfg, train_cfg, data_cfg = load_job_config(args, TRAIN_DEFAULTS)
+    job = load_job_config(args, TRAIN_DEFAULTS)
+    model_cfg, train_cfg, data_cfg = job.model, job.train, job.data
     device = resolve_device(args.device)
+    options = job.method_options()
     sites = [Path(s) for s in args.sites] or default_sites()
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
     train_sets = [_dataset(s, "train", data_cfg) for s in sites]
@@ -142,13 +206,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(model_cfg)
     n_train = sum(len(d) for d in train_sets)
     print(
-        f"MoDL-{model_cfg.arch} ({model_cfg.denoiser}, Nu={model_cfg.num_unrolls}, "
+        f"{ARCH_NAMES[model_cfg.arch]} ({model_cfg.denoiser}, Nu={model_cfg.num_unrolls}, "
         f"NCG={model_cfg.cg_iters}): {count_parameters(model):,} weights; "
-        f"{n_train} training slices from {len(sites)} site(s); device {device}",
+        f"{n_train} training slices from {len(sites)} site(s); device {device}; "
+        f"method {job.method}" + "".join(f" {k}={v}" for k, v in options.items() if v),
         flush=True,
     )
     union: ConcatDataset = ConcatDataset(train_sets)
-    result = train(model, union, train_cfg, device=device, progress=True)  # type: ignore[arg-type]
+    result = local_train(
+        job.method,
+        model,
+        union,  # type: ignore[arg-type]
+        train_cfg,
+        device,
+        progress=True,
+        **options,
+    )
     print(
         f"trained {result.steps} steps in {result.seconds:.1f} s, "
         f"final loss {result.final_loss:.4f}"
@@ -170,8 +243,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "sites": [str(s) for s in sites],
         "config": {
             "model": model_cfg.model_dump(),
-            "train": train_cfg.model_dump(),
+            "train": {**train_cfg.model_dump(), "method": job.method},
             "data": data_cfg.model_dump(),
+            **({job.method: options} if options else {}),
         },
         "train": {
             "steps": result.steps,
@@ -188,7 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_recon(args: argparse.Namespace) -> int:
     from recon.reconstruct import reconstruct_file
 
-    _, _, data_cfg = load_job_config(args, {})
+    data_cfg = load_job_config(args, {}).data
     report = reconstruct_file(
         args.input,
         method=args.method,

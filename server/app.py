@@ -24,8 +24,9 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from recon.models import build_model, count_parameters
+from recon.models import count_parameters
 from recon.models.checkpoint import save_checkpoint
+from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
 from server import nas as nas_phase
 from server.config import RunConfig, parse_run_config
@@ -68,12 +69,12 @@ def initial_model(cfg: RunConfig, genotype: Any = None) -> torch.nn.Module:
 
     ``genotype`` (a searched denoiser, :mod:`server.nas`) replaces the configured denoiser.
     """
-    torch.manual_seed(cfg.train.seed)
     if genotype is not None:
         from client.nas import build_genotype_model
 
+        torch.manual_seed(cfg.train.seed)
         return build_genotype_model(cfg, genotype)
-    return build_model(cfg.model.to_model_config())
+    return baseline_start(cfg.model.to_model_config(), cfg.train.seed)
 
 
 def run_dir_of(cfg: RunConfig) -> Path:

@@ -29,6 +29,7 @@ from pydantic import (
 
 from recon.models import ModelConfig
 from recon.train import TrainConfig
+from recon.train.methods import check_method
 
 # Config entries the server adds to its messages (besides those of ``strategies.records``).
 MSG_RUN_UID = "run.uid"  # identifies a run across resumes (Scaffold's c_k files are keyed by it)
@@ -349,19 +350,7 @@ class RunConfig(BaseModel):
 
     def _check_method(self) -> None:
         method, model = self.train.method, self.model
-        if method == "gleam":
-            n = model.num_unrolls
-            m = self.gleam.modules or n
-            if n % m:
-                raise ValueError(
-                    f"gleam.modules ({self.gleam.modules}) must divide model.num-unrolls ({n})"
-                )
-            if m > 1 and model.shared:
-                raise ValueError(
-                    f'train.method = "gleam" with gleam.modules = {self.gleam.modules} '
-                    f"({m} modules) needs one denoiser per unroll: set model.shared = false "
-                    "(or gleam.modules = 1)"
-                )
+        check_method(method, model.num_unrolls, model.shared, model.denoiser, self.gleam.modules)
         if self.nas.search_rounds and (model.denoiser != "nas" or model.nas_genotype):
             raise ValueError(
                 'nas.search-rounds > 0 searches the denoiser: set model.denoiser = "nas" and '
@@ -373,11 +362,6 @@ class RunConfig(BaseModel):
             raise ValueError(
                 'model.denoiser = "nas" trains a derived net: set model.nas-genotype to a '
                 "genotype file, or nas.search-rounds > 0 to search one first"
-            )
-        if method == "layerwise" and model.denoiser != "convex":
-            raise ValueError(
-                f'train.method = "layerwise" trains convex blocks: set model.denoiser = "convex" '
-                f"(got {model.denoiser!r})"
             )
 
     def method_options(self) -> dict[str, Any]:

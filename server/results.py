@@ -25,13 +25,15 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 SCHEMA = "fedunroll.results/1"
 RESULTS = "results.json"
 METRIC_KEYS = ("ssim", "nrmse", "psnr")
+# The methods of ``final`` whose per-site metrics are checked (others are kept as they are).
+FINAL_METHODS = ("federated", "zero_filled", "local_only", "centralized")
 
 
 def train_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,42 +127,130 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def validate_results(data: Mapping[str, Any], where: str = RESULTS) -> None:
-    """Check the top-level schema; raises ``ValueError`` naming the field."""
-    if data.get("schema") != SCHEMA:
-        raise ValueError(
-            f"{where}: field 'schema': expected {SCHEMA!r}, got {data.get('schema')!r}"
-        )
-    for key in ("name", "config", "sites", "model", "rounds", "final", "timings", "status"):
-        if key not in data:
-            raise ValueError(f"{where}: missing field {key!r}")
-    for i, r in enumerate(data["rounds"]):
-        for key in (
-            "round",
-            "seconds",
-            "bytes_sent",
-            "bytes_received",
-            "train",
-            "eval",
-            "rejected",
-        ):
-            if key not in r:
-                raise ValueError(f"{where}: rounds[{i}]: missing field {key!r}")
-    for key in ("federated", "zero_filled"):
-        if key not in data["final"]:
-            raise ValueError(f"{where}: final: missing field {key!r}")
-    status = data["status"]
-    if status != "completed" and not str(status).startswith("failed: "):
-        raise ValueError(f"{where}: field 'status': {status!r}")
-    for site, entry in (data.get("personalization") or {}).items():
-        if "seen" not in entry:
-            raise ValueError(f"{where}: personalization.{site}: missing field 'seen'")
-        if "error" in entry:
-            continue
-        for key in ("before", "after", "r_fine", "n_fine", "fine_tune"):
-            if key not in entry:
-                raise ValueError(f"{where}: personalization.{site}: missing field {key!r}")
-        for key in ("before", "after"):
-            for m in METRIC_KEYS:
-                if m not in entry[key]:
-                    raise ValueError(f"{where}: personalization.{site}.{key}: missing {m!r}")
+class ResultsError(ValueError):
+    """A malformed ``results.json``; the message names the file and field (``rounds[1].eval``)."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        self.source, self.field, self.reason = source, field, reason
+        super().__init__(f"{source}: field '{field}': {reason}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field: str, reason: str) -> ResultsError:
+        return ResultsError(self.source, field, reason)
+
+    def get(self, obj: Mapping[str, Any], key: str, where: str, kind: Any) -> Any:
+        field = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise self.fail(field, "missing")
+        return self.check(obj[key], field, kind)
+
+    def check(self, value: Any, field: str, kind: Any) -> Any:
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            name = "a number"
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            name = "an integer"
+        else:
+            ok = isinstance(value, kind)
+            name = {str: "a string", dict: "an object", list: "a list"}[kind]
+        if not ok:
+            raise self.fail(field, f"must be {name}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def metrics(self, obj: Any, where: str, keys: Sequence[str], ints: Sequence[str] = ()) -> None:
+        """Metric values are numbers or ``null`` (NaN as written by ``server.results``)."""
+        self.check(obj, where, dict)
+        for k in keys:
+            if k not in obj:
+                raise self.fail(f"{where}.{k}", "missing")
+            if obj[k] is not None:
+                self.check(obj[k], f"{where}.{k}", float)
+        for k in ints:
+            self.get(obj, k, where, int)
+
+
+def validate_results(data: Any, source: str = RESULTS) -> dict[str, Any]:
+    """Check ``data`` against the ``fedunroll.results/1`` schema and return it.
+
+    ``schema``, ``name``, ``config``, ``sites``, ``rounds`` and ``status`` are always required;
+    a ``completed`` run also needs ``model``, ``timings`` and ``final.federated`` /
+    ``final.zero_filled``. Whatever is present must be well formed. Extra keys are allowed.
+
+    Raises
+    ------
+    ResultsError
+        Naming the first missing or malformed field.
+    """
+    c = _Checker(source)
+    c.check(data, "<top level>", dict)
+    schema = c.get(data, "schema", "", str)
+    if schema != SCHEMA:
+        raise c.fail("schema", f"expected {SCHEMA!r}, got {schema!r}")
+    c.get(data, "name", "", str)
+    c.get(data, "config", "", dict)
+    sites = c.get(data, "sites", "", list)
+    for i, s in enumerate(sites):
+        c.check(s, f"sites[{i}]", str)
+    status = c.get(data, "status", "", str)
+    completed = status == "completed"
+    if not completed and not status.startswith("failed: "):
+        raise c.fail("status", f"must be 'completed' or 'failed: <reason>', got {status!r}")
+    for i, r in enumerate(c.get(data, "rounds", "", list)):
+        w = f"rounds[{i}]"
+        c.check(r, w, dict)
+        c.get(r, "round", w, int)
+        c.get(r, "seconds", w, float)
+        c.get(r, "bytes_sent", w, int)
+        c.get(r, "bytes_received", w, int)
+        for site, m in c.get(r, "train", w, dict).items():
+            c.metrics(m, f"{w}.train.{site}", ("loss", "seconds"), ("num-examples",))
+        for site, m in c.get(r, "eval", w, dict).items():
+            c.metrics(m, f"{w}.eval.{site}", METRIC_KEYS, ("num-examples",))
+        for j, rej in enumerate(c.get(r, "rejected", w, list)):
+            c.check(rej, f"{w}.rejected[{j}]", dict)
+            c.get(rej, "site", f"{w}.rejected[{j}]", str)
+            c.get(rej, "reason", f"{w}.rejected[{j}]", str)
+    if completed or "model" in data:
+        model = c.get(data, "model", "", dict)
+        c.get(model, "num_parameters", "model", int)
+        c.get(model, "bytes", "model", int)
+    if completed or "timings" in data:
+        timings = c.get(data, "timings", "", dict)
+        c.get(timings, "total_seconds", "timings", float)
+        c.get(timings, "rounds_seconds", "timings", float)
+    if completed or "final" in data:
+        final = c.get(data, "final", "", dict)
+        required = ("federated", "zero_filled") if completed else ()
+        for method in required:
+            c.get(final, method, "final", dict)
+        for method, per_site in final.items():
+            if method not in FINAL_METHODS:
+                continue  # extra methods (e.g. personalized) are kept but not tabulated
+            c.check(per_site, f"final.{method}", dict)
+            for site, m in per_site.items():
+                c.metrics(m, f"final.{method}.{site}", METRIC_KEYS)
+    if "personalization" in data:  # optional: only runs with personalize.enabled
+        for site, entry in c.get(data, "personalization", "", dict).items():
+            w = f"personalization.{site}"
+            c.check(entry, w, dict)
+            if not isinstance(entry.get("seen"), bool):
+                raise c.fail(f"{w}.seen", "must be true or false")
+            if "error" in entry:
+                c.get(entry, "error", w, str)
+                continue
+            c.metrics(c.get(entry, "before", w, dict), f"{w}.before", METRIC_KEYS)
+            c.metrics(c.get(entry, "after", w, dict), f"{w}.after", METRIC_KEYS)
+            c.get(entry, "n_fine", w, int)
+            if not isinstance(entry.get("fine_tune"), bool):
+                raise c.fail(f"{w}.fine_tune", "must be true or false")
+            if entry.get("r_fine") is not None:
+                c.get(entry, "r_fine", w, float)
+    return data

@@ -228,3 +228,26 @@ def test_scaffold_with_gleam_leaves_frozen_controls_alone(setup, option) -> None
         np.testing.assert_array_equal(delta[k], 0)
     trained = [k for k in arrays if k.startswith("denoisers.") and k in delta]
     assert trained and all(np.abs(delta[k]).sum() > 0 for k in trained)
+
+
+def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup) -> None:
+    """``gleam-devices`` (P-GLEAM, seed 004 Alg. 2) gives the single-device GLEAM update; a
+    device the node does not have fails the reply and names it."""
+    root, flat, _ = setup
+    flat = {**flat, "train.method": "gleam", "model.shared": False}
+    arrays = {
+        k: v.detach().numpy().copy()
+        for k, v in initial_model(parse_run_config(flat)).state_dict().items()
+    }
+    node = {"data-path": str(root / "site1"), "device": "cpu"}
+    one, _ = _train(flat, arrays, node_config=node)
+    two, _ = _train(flat, arrays, node_config={**node, "gleam-devices": "cpu, cpu"})
+    assert not one.has_error(), one.error
+    assert not two.has_error(), two.error
+    y1, y2 = (to_numpy(r.content.array_records["arrays"]) for r in (one, two))
+    assert any(not np.array_equal(y1[k], arrays[k]) for k in arrays)  # it trained
+    for k in y1:
+        np.testing.assert_allclose(y2[k], y1[k], rtol=0, atol=1e-6, err_msg=k)
+    if not torch.cuda.is_available():
+        bad, _ = _train(flat, arrays, node_config={**node, "gleam-devices": "cpu,cuda:1"})
+        assert bad.has_error() and "cuda:1" in bad.error.reason

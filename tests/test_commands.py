@@ -116,6 +116,35 @@ def test_bad_config_key_is_named(workdir: Path, capsys: pytest.CaptureFixture[st
     assert rc == 2 and "optim.lr" in capsys.readouterr().err
 
 
+def test_train_with_gleam_and_its_config_errors(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train.method=gleam`` trains greedily from the command line; a method the architecture
+    cannot take is refused before any data is read, naming the key to change."""
+    site = str(workdir / "synth" / "site0")
+    small = ["--set", "model.num_unrolls=2", "--set", "model.cg_iters=2"]
+    small += ["--set", "model.unet_chans=4", "--set", "train.steps=6"]
+    out = workdir / "gleam"
+    rc = main(
+        ["train", site, "--out", str(out), "--device", "cpu", *small]
+        + ["--set", "train.method=gleam", "--set", "model.shared=false"]
+        + ["--set", "gleam.modules=2", "--set", 'gleam.devices=["cpu", "cpu"]']
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert "method gleam num_modules=2 devices=['cpu', 'cpu']" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["train"]["method"] == "gleam"
+    assert results["config"]["gleam"]["num_modules"] == 2
+    assert results["train"]["steps"] == 6
+
+    rc = main(["train", site, *small, "--set", "train.method=gleam"])  # shared U-Net
+    assert rc == 2 and "set model.shared = false" in capsys.readouterr().err
+    rc = main(["train", site, *small, "--set", "train.method=sgd"])
+    assert rc == 2 and "unknown train.method 'sgd'" in capsys.readouterr().err
+    rc = main(["train", site, *small, "--set", "train.method=layerwise"])
+    assert rc == 2 and 'model.denoiser = "convex"' in capsys.readouterr().err
+
+
 def test_bad_input_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "broken.h5"
     with h5py.File(bad, "w") as f:

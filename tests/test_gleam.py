@@ -134,6 +134,17 @@ def test_pgleam_on_cuda_and_cpu_matches_cpu() -> None:
     assert_same_params(model, twin, atol=1e-4)
 
 
+def test_pgleam_on_two_gpus_matches_one_gpu() -> None:
+    """Alg. 2 on real GPUs: modules alternate between cuda:0 and cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    model = tiny_modl(4)
+    twin = copy.deepcopy(model)
+    train_gleam(model, DATA, CFG, device="cuda:0")
+    train_gleam(twin, DATA, CFG, devices=["cuda:0", "cuda:1"], device="cuda:0")
+    assert_same_params(model.cpu(), twin.cpu(), atol=1e-5)
+
+
 def test_hooks_see_one_module_at_a_time() -> None:
     """FedProx's term is added to each module's loss; Scaffold's correction edits that module's
     gradients only (the other modules' .grad are None when the hook runs)."""
@@ -252,3 +263,30 @@ def test_local_train_rejects_unknown_method_and_options() -> None:
         local_train("gleam", tiny_modl(2), DATA, CFG, num_blocks=2)
     with pytest.raises(TypeError, match="'e2e' got unknown options"):
         local_train("e2e", tiny_modl(2), DATA, CFG, num_modules=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_stops_when_after_step_says_so(method: str) -> None:
+    """Early stopping (personalization's cross-validation) works whatever the trainer."""
+    if method == "layerwise":
+        torch.manual_seed(0)
+        model: Unrolled = build_model(
+            denoiser="convex", num_unrolls=2, shared=False, convex_blocks=2, convex_hidden=4
+        )
+    else:
+        model = tiny_modl(2)
+    calls: list[int] = []
+
+    def stop_after_two(step: int) -> bool:
+        calls.append(step)
+        return step >= 2
+
+    res = local_train(
+        method,
+        model,
+        DATA,
+        CFG.model_copy(update={"steps": 6}),
+        hooks=TrainHooks(after_step=stop_after_two),
+    )
+    assert calls == [1, 2]
+    assert res.steps == 2 and len(res.losses) == 2

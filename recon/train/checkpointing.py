@@ -60,5 +60,6 @@ def train_checkpointed(
     inner_hooks = TrainHooks(
         regularizer=None if reg is None else (lambda _: reg(model)),
         after_backward=None if after is None else (lambda _: after(model)),
+        after_step=hooks.after_step,  # early stopping sees the step count, not the model
     )
     return train(CheckpointedUnrolled(model), dataset, cfg, device, inner_hooks, progress, desc)

@@ -189,10 +189,13 @@ def train_gleam(
                 result.losses.append(step_losses[-1])
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+                if hooks.after_step is not None and hooks.after_step(step + 1):
+                    break
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.to(device)
+    result.steps = len(result.losses)
     result.seconds = time.perf_counter() - t0
     return result
 

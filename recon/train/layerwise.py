@@ -136,8 +136,11 @@ def train_layerwise(
         steps=per_stage * len(stages), stages=stages, steps_per_stage=per_stage
     )
     t0 = time.perf_counter()
+    stop = False
     with _progress(result.steps, desc, progress) as bar:
         for k, b in stages:
+            if stop:
+                break
             block = nets[k].blocks[b]
             params = [p for p in block.parameters() if p.requires_grad]
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -154,6 +157,10 @@ def train_layerwise(
                 result.losses.append(float(stage_loss.detach()))
                 bar.update(1)
                 bar.set_postfix(stage=f"{k}.{b}", loss=f"{result.losses[-1]:.4f}")
+                if hooks.after_step is not None and hooks.after_step(len(result.losses)):
+                    stop = True  # early stopping ends the whole schedule, not just this block
+                    break
+    result.steps = len(result.losses)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -33,6 +33,35 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_method(
+    method: str, num_unrolls: int, shared: bool, denoiser: str, gleam_modules: int = 0
+) -> None:
+    """Refuse, before any data is loaded, a method the architecture cannot be trained with.
+
+    ``gleam_modules = 0`` means ``M = N``. Messages name the run-config keys (``train.method``,
+    ``gleam.modules``, ``model.shared``, ``model.denoiser``), the same for ``fedunroll train``
+    and ``fedunroll simulate``.
+    """
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown train.method {method!r}; choose one of {list(METHODS)}")
+    if method == "gleam":
+        n = num_unrolls
+        m = gleam_modules or n
+        if n % m:
+            raise ValueError(f"gleam.modules ({gleam_modules}) must divide model.num-unrolls ({n})")
+        if m > 1 and shared:
+            raise ValueError(
+                f'train.method = "gleam" with gleam.modules = {gleam_modules} '
+                f"({m} modules) needs one denoiser per unroll: set model.shared = false "
+                "(or gleam.modules = 1)"
+            )
+    if method == "layerwise" and denoiser != "convex":
+        raise ValueError(
+            f'train.method = "layerwise" trains convex blocks: set model.denoiser = "convex" '
+            f"(got {denoiser!r})"
+        )
+
+
 def local_train(
     method: str,
     model: Unrolled,

@@ -48,7 +48,8 @@ class TrainHooks:
     ``regularizer(model) -> scalar`` is added to the loss (FedProx); ``after_backward(model)``
     edits gradients before the optimiser step (Scaffold's ``- c_k + c``); ``after_step(step)``
     (1-based) runs after each optimiser step and returns True to stop early (validation-based
-    early stopping, e.g. personalization's cross-validation).
+    early stopping, e.g. personalization's cross-validation). Every method of
+    :func:`recon.train.methods.local_train` honours all three.
     """
 
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None
