@@ -37,7 +37,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from client.nas import build_site_model
+from client.nas import build_site_model, genotype_of
 from client.site import Site, load_split, resolve_site
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
@@ -55,6 +55,7 @@ P_PATIENCE = "personalize.patience"
 P_MIN_GAIN = "personalize.min-gain"
 MODEL_FILE = "personalized_model.pt"
 REPORT_FILE = "personalization.json"
+GENOTYPE_FILE = "personalized_genotype.json"  # NAS runs: the derived denoiser of the model
 METRIC_KEYS = ("ssim", "nrmse", "psnr")
 
 
@@ -147,9 +148,14 @@ def personalize_handler(msg: Message, context: Context) -> Message:
         )
         folder = Path(site.state_path) / ".fedunroll"
         folder.mkdir(parents=True, exist_ok=True)
+        model_cfg = cfg.model.to_model_config()
+        genotype = genotype_of(config)
+        if genotype is not None:  # a searched denoiser: the checkpoint must name its genotype
+            path = genotype.save(folder / GENOTYPE_FILE)
+            model_cfg = model_cfg.model_copy(update={"nas_genotype": str(path)})
         save_checkpoint(
             tuned,  # type: ignore[arg-type]
-            cfg.model.to_model_config(),
+            model_cfg,
             folder / MODEL_FILE,
             site=site.site_id,
             personalization={k: report[k] for k in ("r_fine", "n_fine", "fine_tune", "decision")},

@@ -112,7 +112,24 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     strategy = strategy_from_config(cfg)
     # model.denoiser = "nas": search first (nas.search-rounds) or read model.nas-genotype
     search_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else grid
-    genotype = nas_phase.training_genotype(search_grid, cfg, run_dir)
+    try:
+        genotype = nas_phase.training_genotype(search_grid, cfg, run_dir)
+    except Exception as exc:  # a failed search still leaves a results.json that says why
+        status = f"failed: architecture search: {type(exc).__name__}: {exc}"
+        log(ERROR, "run %s stopped: %s", run_dir.name, status)
+        failed = results.build(
+            name=run_dir.name,
+            config=cfg.flat(),
+            sites=[],
+            num_parameters=None,
+            model_bytes=0,
+            rounds=[],
+            final={"federated": {}, "zero_filled": {}},
+            total_seconds=time.perf_counter() - t_start,
+            status=status,
+        )
+        results.write(run_dir, failed)
+        raise
     model = initial_model(cfg, genotype)
     ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     name = run_dir.name

@@ -63,7 +63,7 @@ def build(
     name: str,
     config: Mapping[str, Any],
     sites: list[str],
-    num_parameters: int,
+    num_parameters: int | None,
     model_bytes: int,
     rounds: list[dict[str, Any]],
     final: Mapping[str, Any],
@@ -71,13 +71,14 @@ def build(
     status: str,
     personalization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the results dict in schema order."""
-    out = {
+    """Assemble the results dict in schema order (``num_parameters=None``: no model was built,
+    e.g. a run that failed in its architecture search; ``model`` is then left out)."""
+    out: dict[str, Any] = {
         "schema": SCHEMA,
         "name": name,
         "config": dict(config),
         "sites": list(sites),
-        "model": {"num_parameters": int(num_parameters), "bytes": int(model_bytes)},
+        "model": {"num_parameters": int(num_parameters or 0), "bytes": int(model_bytes)},
         "rounds": rounds,
         "final": {k: v for k, v in final.items() if v or k in ("federated", "zero_filled")},
         "timings": {
@@ -86,6 +87,8 @@ def build(
         },
         "status": status,
     }
+    if num_parameters is None:
+        del out["model"]
     if personalization:
         out["personalization"] = dict(personalization)
     return out

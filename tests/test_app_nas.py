@@ -278,3 +278,20 @@ def test_training_phase_alone_from_a_genotype_file(root, tmp_path) -> None:
     den = build_from_genotype(path)
     assert res["model"]["num_parameters"] == sum(p.numel() for p in den.parameters()) + 1
     assert not (tmp_path / "out" / "t" / "search").exists()
+
+
+def test_failed_search_still_writes_results(root, tmp_path) -> None:
+    """A search that cannot go on (every site fails) leaves a results.json that says why."""
+    from server import results
+
+    flat = tiny_config(root, tmp_path, {**NAS, "run.name": "nas-fail", "round-timeout": 20})
+
+    def broken(msg, ctx):
+        raise RuntimeError("scanner archive offline")
+
+    grid = InProcessGrid({10: broken, 11: broken}, flat)
+    with pytest.raises(Exception, match="replied|replies|site"):
+        run_federation(grid, parse_run_config(flat))
+    data = results.read(tmp_path / "nas-fail")
+    assert data["status"].startswith("failed: architecture search: ")
+    assert data["rounds"] == [] and "model" not in data

@@ -185,3 +185,45 @@ def test_report_personalization_table_and_schema() -> None:
     bad["personalization"]["site1"]["seen"] = "yes"
     with pytest.raises(ResultsError, match="personalization.site1.seen"):
         validate_report(bad)
+
+
+def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
+    """A NAS run's genotype travels in the messages; the site's personalized checkpoint names a
+    copy of it, so ``load_checkpoint`` rebuilds the searched network, not the search net."""
+    import json
+
+    from test_app_support import context, message
+
+    from client.nas import build_genotype_model
+    from recon.models.checkpoint import load_checkpoint
+    from recon.nas import PUBLISHED
+    from server.config import MSG_NAS_GENOTYPE
+    from strategies.flower import to_record
+
+    flat = tiny_config(
+        root,
+        tmp_path,
+        {
+            "model.denoiser": "nas",
+            "nas.search-rounds": 1,
+            "personalize.lrs": "1e-3",
+            "personalize.folds": 2,
+            "personalize.max-epochs": 1,
+            "personalize.patience": 1,
+        },
+    )
+    cfg = parse_run_config(flat)
+    model = build_genotype_model(cfg, PUBLISHED)
+    arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    config = {MSG_NAS_GENOTYPE: json.dumps(PUBLISHED.to_dict())}
+    msg = message(to_record(arrays), config, message_type="train.personalize")
+    folder = root / "site0" / ".fedunroll"
+    try:
+        reply = client_app(msg, context(flat, {"partition-id": 0}))
+        assert not reply.has_error(), reply.error
+        loaded, model_cfg, _ = load_checkpoint(folder / MODEL_FILE)
+        assert model_cfg.nas_genotype and model_cfg.nas_genotype.startswith(str(folder))
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+    finally:
+        for name in (MODEL_FILE, REPORT_FILE, "personalized_genotype.json"):
+            (folder / name).unlink(missing_ok=True)
