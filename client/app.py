@@ -34,7 +34,7 @@ from flwr.common.constant import ErrorCode
 
 from client import nas
 from client.control import forget_run, load_control, save_control
-from client.site import Site, load_split, resolve_site
+from client.site import Site, load_split, resolve_site, split_key
 from recon.data.sample import collate
 from recon.models import Unrolled
 from recon.physics.sense import SenseOp
@@ -307,7 +307,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         if NAS_ALPHA in msg.content.array_records:  # search phase: the supernet with global α
             nas.load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
         result = evaluate(model, data, site.device)
-        zf_key = (str(site.path.resolve()), split, cfg.data.mask, cfg.data.accel, cfg.data.seed)
+        zf_key = split_key(site, cfg, split)
         if zf_key not in _ZERO_FILLED:
             _ZERO_FILLED[zf_key] = _summary(evaluate(None, data, site.device), "zf-")
         metrics = {

@@ -19,8 +19,8 @@ from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
 from server.config import RunConfig
 
-# (site path, split, mask, accel, acs_frac, seed, max_slices) -> dataset. Sites are small and a
-# ClientApp process serves one or a few sites for a whole run: never re-read h5 every round.
+# (site path, split, SiteDataset kwargs) -> dataset. Sites are small and a ClientApp process
+# serves one or a few sites for a whole run: never re-read h5 every round.
 _DATASETS: dict[tuple[Any, ...], SiteDataset] = {}
 _LOCK = threading.Lock()
 
@@ -94,30 +94,24 @@ def parse_devices(value: object) -> tuple[str, ...]:
     return tuple(resolve_device(d) for d in names)
 
 
+def _split_kwargs(cfg: RunConfig, split: str) -> dict[str, Any]:
+    max_slices = (cfg.data.max_train_slices or None) if split == "train" else None
+    # horizontal-readout files (attribute ``readout``) are rotated (DataSection.dataset_kwargs)
+    return cfg.data.dataset_kwargs(max_slices=max_slices)
+
+
+def split_key(site: Site, cfg: RunConfig, split: str) -> tuple[Any, ...]:
+    """What identifies the slices of :func:`load_split` (site, split, dataset kwargs): the key
+    of per-process caches of anything computed from them."""
+    return (str(site.path.resolve()), split, tuple(sorted(_split_kwargs(cfg, split).items())))
+
+
 def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:
     """The site's ``split`` as a :class:`SiteDataset`, cached for the life of the process."""
-    max_slices = (cfg.data.max_train_slices or None) if split == "train" else None
-    key = (
-        str(site.path.resolve()),
-        split,
-        cfg.data.mask,
-        cfg.data.accel,
-        cfg.data.acs_frac,
-        cfg.data.seed,
-        max_slices,
-    )
+    key = split_key(site, cfg, split)
     with _LOCK:
         if key not in _DATASETS:
-            _DATASETS[key] = SiteDataset(
-                site.path,
-                split=split,
-                mask_kind=cfg.data.mask,
-                accel=cfg.data.accel,
-                acs_frac=cfg.data.acs_frac,
-                seed=cfg.data.seed,
-                max_slices=max_slices,
-                rotate=None,  # horizontal-readout files (attribute ``readout``) are rotated
-            )
+            _DATASETS[key] = SiteDataset(site.path, split=split, **_split_kwargs(cfg, split))
         return _DATASETS[key]
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_DATA = Path("data/synth")
 
@@ -25,6 +25,29 @@ class DataConfig(BaseModel):
     seed: int = 0
     max_slices: int | None = Field(None, ge=1)
     maps: str = "espirit"
+    crop: str = ""  # image-domain centre crop "HxW" (fastMRI readout oversampling); "" = none
+
+    @field_validator("crop", mode="before")
+    @classmethod
+    def _crop(cls, value: Any) -> str:
+        from recon.data.dataset import parse_crop
+
+        crop = parse_crop(value)
+        return "" if crop is None else f"{crop[0]}x{crop[1]}"
+
+    def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
+        """:class:`~recon.data.dataset.SiteDataset` keyword arguments (``extra`` passed on)."""
+        from recon.data.dataset import dataset_kwargs
+
+        return dataset_kwargs(
+            mask=self.mask,
+            accel=self.accel,
+            acs_frac=self.acs_frac,
+            seed=self.seed,
+            maps=self.maps,
+            crop=self.crop,
+            **extra,
+        )
 
 
 class GleamOptions(BaseModel):
@@ -157,16 +180,7 @@ def default_sites(root: Path = DEFAULT_DATA, n_sites: int = 4) -> list[Path]:
 def _dataset(site: Path, split: str, data: DataConfig):  # type: ignore[no-untyped-def]
     from recon.data import SiteDataset
 
-    return SiteDataset(
-        site,
-        split=split,
-        mask_kind=data.mask,
-        accel=data.accel,
-        acs_frac=data.acs_frac,
-        seed=data.seed,
-        max_slices=data.max_slices,
-        maps_method=data.maps,
-    )
+    return SiteDataset(site, split=split, **data.dataset_kwargs(max_slices=data.max_slices))
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]], methods: list[str]) -> str:
@@ -285,6 +299,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
+    from recon.data.dataset import data_values_from_flat
     from recon.models.checkpoint import load_checkpoint, save_checkpoint
     from recon.overrides import load_config_file, parse_sets, split_sections
     from recon.train.personalize import PersonalizeConfig, personalize
@@ -294,11 +309,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     # The data pipeline that trained the model (federated run config or `fedunroll train`),
     # unless overridden by --config / --set.
     run_cfg = ckpt.get("run_config") or {}
-    data_defaults = {
-        f"data.{k}": run_cfg[f"data.{k.replace('_', '-')}"]
-        for k in ("mask", "accel", "acs_frac", "seed")
-        if f"data.{k.replace('_', '-')}" in run_cfg
-    }
+    data_defaults = {f"data.{k}": v for k, v in data_values_from_flat(run_cfg).items()}
     for k, v in (ckpt.get("data_config") or {}).items():
         if v is not None:
             data_defaults[f"data.{k}"] = v

@@ -71,14 +71,7 @@ def reconstruct_file(
 
         model, _, _ = load_checkpoint(checkpoint, device)
         model.eval()
-    samples = file_samples(
-        src,
-        mask_kind=data.mask,
-        accel=data.accel,
-        acs_frac=data.acs_frac,
-        seed=data.seed,
-        maps_method=data.maps,
-    )
+    samples = file_samples(src, **data.dataset_kwargs())
     images, rows = [], []
     for s in tqdm(samples, desc=f"{method} {src.name}", leave=False, disable=len(samples) < 4):
         batch = collate([s])
@@ -111,6 +104,8 @@ def reconstruct_file(
         f.attrs["method"] = method
         f.attrs["accel"] = data.accel
         f.attrs["mask"] = data.mask
+        if data.crop:
+            f.attrs["crop"] = data.crop
     os.replace(tmp, dst)
     if png_dir is not None:
         import matplotlib

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from recon.data.dataset import dataset_kwargs, parse_crop
 from recon.models import ModelConfig
 from recon.train import TrainConfig
 from recon.train.methods import check_method
@@ -229,6 +230,27 @@ class DataSection(_Section):
     # Sites held out of training (seed 000 Table 1 "Unseen"): in simulation the partitions
     # num-sites .. num-sites + unseen-sites - 1; they only take part in personalization.
     unseen_sites: int = _k(0, "unseen-sites", ge=0, le=1000)
+    # Image-domain centre crop "HxW" of every slice (fastMRI readout oversampling: "320x320");
+    # "" = none. A string: Flower run configs hold scalars only.
+    crop: str = ""
+
+    @field_validator("crop", mode="before")
+    @classmethod
+    def _crop(cls, value: Any) -> str:
+        crop = parse_crop(value)
+        return "" if crop is None else f"{crop[0]}x{crop[1]}"
+
+    def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
+        """:class:`~recon.data.dataset.SiteDataset` keyword arguments of the sites' slices
+        (horizontal-readout files rotated by their attribute), ``extra`` passed through."""
+        return dataset_kwargs(
+            mask=self.mask,
+            accel=self.accel,
+            acs_frac=self.acs_frac,
+            seed=self.seed,
+            crop=self.crop,
+            **extra,
+        )
 
 
 class RunSection(_Section):

@@ -39,12 +39,6 @@ HEADERS = {"ssim": "SSIM", "nrmse": "NRMSE", "psnr": "PSNR (dB)"}
 FIGURES = ("metrics_vs_round.png", "site_bars.png", "recon_grid.png")
 # Flat run-config keys that locate and prepare the data (owned by server.config).
 DATA_ROOT_KEY = "data.root"
-DATA_KEYS = {
-    "data.mask": "mask_kind",
-    "data.accel": "accel",
-    "data.acs-frac": "acs_frac",
-    "data.seed": "seed",
-}
 
 
 def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -384,12 +378,11 @@ def plot_site_bars(results: Mapping[str, Any], path: Path) -> Path | None:
 
 def data_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """:class:`~recon.data.dataset.SiteDataset` keyword arguments from the flat run config
-    (the same slices and masks the sites used: see ``client.site.load_split``)."""
-    out: dict[str, Any] = {"rotate": None}  # horizontal-readout files are rotated, as at the sites
-    for key, arg in DATA_KEYS.items():
-        if key in config:
-            out[arg] = config[key]
-    return out
+    (the same slices, crop and masks the sites used: see ``client.site.load_split``)."""
+    from recon.data.dataset import dataset_kwargs_from_flat
+
+    # horizontal-readout files are rotated, as at the sites
+    return dataset_kwargs_from_flat(config, rotate=None)
 
 
 def _grid_inputs(

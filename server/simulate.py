@@ -182,17 +182,6 @@ def _synthetic(root: Path) -> bool:
 
 
 # --- baselines ------------------------------------------------------------------------------
-def _data_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.data
-    return {
-        "mask_kind": d.mask,
-        "accel": d.accel,
-        "acs_frac": d.acs_frac,
-        "seed": d.seed,
-        "rotate": None,
-    }
-
-
 def _local_only_site(cfg_flat: dict[str, Any], site: str, path: str, steps: int) -> dict[str, Any]:
     """One site alone (a worker process, one thread: sites train side by side)."""
     import torch
@@ -208,7 +197,8 @@ def _local_only_site(cfg_flat: dict[str, Any], site: str, path: str, steps: int)
         cfg.train.train_config(),
         steps,
         resolve_device(cfg.run.device),
-        _data_kwargs(cfg),
+        cfg.data.dataset_kwargs(),  # as the sites load their slices
+        max_train_slices=cfg.data.max_train_slices or None,  # the federation's data budget
         progress=False,
     )
 
@@ -257,7 +247,8 @@ def run_baselines(cfg: RunConfig, data: Mapping[str, Any]) -> dict[str, Any]:
             cfg.train.train_config(),
             steps,
             resolve_device(cfg.run.device),
-            _data_kwargs(cfg),
+            cfg.data.dataset_kwargs(),  # as the sites load their slices
+            max_train_slices=cfg.data.max_train_slices or None,
             progress=None,
         )
     return out

@@ -51,6 +51,7 @@ def test_namespaced_values_reach_their_section() -> None:
         ({"train.lr": float("nan")}, "'train.lr': must be finite"),
         ({"scaffold.option": "iii"}, "'scaffold.option'"),
         ({"data.mask": "spiral"}, "'data.mask'"),
+        ({"data.crop": "320x"}, "'data.crop'"),
         ({"min-fit-clients": 3, "min-available-clients": 2}, "min-available-clients"),
         ({"min-fit-clients": 5, "min-available-clients": 5}, "data.num-sites"),
     ],

@@ -97,3 +97,42 @@ def test_train_slice_cap(sites: list[Path]) -> None:
     assert len(data.get("site0", "train")) == 2
     assert len(data.get("site0", "test")) == len(SiteSlices(sites, DATA).get("site0", "test")) > 2
     assert data.get("site0", "train") is data.get("site0", "train")  # loaded once
+
+
+def test_simulate_baselines_use_the_federations_data_budget(
+    sites: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data.max-train-slices`` (seed 000's low-data regime) binds the local-only and the
+    centralized baselines too, and they load slices with the sites' data settings."""
+    from recon.train import baselines
+    from server import simulate
+    from server.config import parse_run_config
+
+    seen: dict[str, dict] = {}
+
+    def spy(name):
+        def record(*args, **kwargs):
+            seen[name] = {"data_kwargs": args[5], **kwargs}
+            return {}
+
+        return record
+
+    monkeypatch.setattr(baselines, "local_only", spy("local_only"))
+    monkeypatch.setattr(baselines, "centralized", spy("centralized"))
+    root = sites[0].parent
+    flat = {
+        "data.root": str(root),
+        "data.num-sites": 2,
+        "data.max-train-slices": 5,
+        "data.acs-frac": 0.1,
+        "run.device": "cpu",
+        "run.local-only": False,
+        "run.centralized": True,
+    }
+    simulate._local_only_site(flat, "site0", str(sites[0]), 3)
+    cfg = parse_run_config(flat)
+    data = {"rounds": [{"round": 1}], "sites": ["site0", "site1"]}
+    simulate.run_baselines(cfg, data)
+    for name in ("local_only", "centralized"):
+        assert seen[name]["max_train_slices"] == 5, name
+        assert seen[name]["data_kwargs"]["acs_frac"] == 0.1, name

@@ -16,6 +16,9 @@ _EXPORTS = {
     "SiteDataset": "dataset",
     "acs_rss_max": "dataset",
     "split_files": "dataset",
+    "parse_crop": "dataset",
+    "dataset_kwargs": "dataset",
+    "dataset_kwargs_from_flat": "dataset",
     "DataError": "h5io",
     "Volume": "h5io",
     "check_file": "h5io",
@@ -42,9 +45,12 @@ __all__ = [
     "cache_path",
     "check_file",
     "collate",
+    "dataset_kwargs",
+    "dataset_kwargs_from_flat",
     "generate_site",
     "generate_sites",
     "load_or_compute_maps",
+    "parse_crop",
     "prepare_site",
     "read_volume",
     "scan_site",
@@ -55,7 +61,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from recon.data.dataset import SiteDataset, acs_rss_max, split_files
+    from recon.data.dataset import (
+        SiteDataset,
+        acs_rss_max,
+        dataset_kwargs,
+        dataset_kwargs_from_flat,
+        parse_crop,
+        split_files,
+    )
     from recon.data.h5io import (
         DataError,
         Volume,

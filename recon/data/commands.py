@@ -90,6 +90,7 @@ def _prepare_all(
     force: bool,
     progress: bool,
     workers: int = 1,
+    crop: tuple[int, int] | None = None,
 ) -> int:
     from recon.data.prepare import prepare_site
 
@@ -106,10 +107,17 @@ def _prepare_all(
     rc = 0
     for site in sites:
         rep = prepare_site(
-            site, method=method, calib=calib, force=force, progress=progress, workers=workers
+            site,
+            method=method,
+            calib=calib,
+            force=force,
+            progress=progress,
+            workers=workers,
+            crop=crop,
         )
+        cropped = f" ({crop[0]}x{crop[1]} crop)" if crop else ""
         print(
-            f"{site}: {rep['files']} files, {rep['slices']} slices, maps {method}: "
+            f"{site}: {rep['files']} files, {rep['slices']} slices, maps {method}{cropped}: "
             f"{rep['computed']} computed, {rep['reused']} reused, {rep['seconds']:.1f} s "
             f"-> {rep['cache_dir']}"
         )
@@ -129,6 +137,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.workers < 1:
         _err(f"--workers must be >= 1, got {args.workers}")
         return 2
+    from recon.data.dataset import parse_crop
+
+    try:
+        crop = parse_crop(args.crop)
+    except ValueError as err:
+        _err(f"--crop: {err}")
+        return 2
     return _prepare_all(
         [Path(p) for p in args.site_dirs],
         args.method,
@@ -136,6 +151,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         args.force,
         not args.no_progress,
         args.workers,
+        crop,
     )
 
 
@@ -176,5 +192,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     q.add_argument("--calib", type=int, default=None, help="calibration width (default 24)")
     q.add_argument("--force", action="store_true", help="recompute even if cached")
     q.add_argument("--workers", type=int, default=1, help="parallel processes (1)")
+    q.add_argument(
+        "--crop",
+        default="",
+        metavar="HxW",
+        help="maps of the centre HxW image crop, e.g. 320x320 for fastMRI's 2x readout "
+        "oversampling (as data.crop=HxW in training)",
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_prepare)

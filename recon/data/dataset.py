@@ -2,6 +2,9 @@
 
 Per slice, following seed 000, Sec. 3.1:
 
+0. optional image-domain centre crop (``crop=(H, W)``): the fully sampled k-space becomes
+   ``F(crop(F^-1 k))``, e.g. fastMRI's 2x readout oversampling (640x368 k-space) removed for its
+   320x320 reference images; everything below (coil maps included) sees the cropped k-space;
 1. optional rotation (transpose ``H``/``W``) for data whose readout is horizontal, so that the
    mask always undersamples the phase-encode axis ``W``;
 2. normalisation: k-space is divided by the maximum of the RSS image computed from the fully
@@ -19,6 +22,7 @@ reread the h5 files.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,12 +33,84 @@ import torch
 from torch.utils.data import Dataset
 
 from recon.data.h5io import SPLITS, DataError, display_name, list_h5, read_volume
-from recon.data.prepare import load_or_compute_maps
+from recon.data.prepare import crop_kspace, load_or_compute_maps
 from recon.data.sample import Sample
 from recon.physics.coils import np_ifft2c, np_rss
 from recon.physics.masks import acs_slice, make_mask, slice_seed
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+# The federated run config's data keys (``server.config.DataSection``, flat as in results.json and
+# checkpoints' ``run_config``) -> the parameters of :func:`dataset_kwargs`.
+FLAT_DATA_KEYS = {
+    "data.mask": "mask",
+    "data.accel": "accel",
+    "data.acs-frac": "acs_frac",
+    "data.seed": "seed",
+    "data.crop": "crop",
+}
+
+
+def parse_crop(text: object) -> tuple[int, int] | None:
+    """An image crop ``(H, W)`` from ``"320x320"``, ``"320,320"`` or two integers; ``None`` or
+    ``""`` mean no crop. Anything else is a ``ValueError`` naming the text."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    nums: list[int] = []
+    if isinstance(text, str):
+        parts = re.split(r"\s*[xX,]\s*", text.strip())
+        nums = [int(p) for p in parts if re.fullmatch(r"\d+", p)]
+        nums = nums if len(nums) == len(parts) else []
+    elif isinstance(text, list | tuple):
+        ints = [p for p in text if isinstance(p, int | np.integer) and not isinstance(p, bool)]
+        nums = [int(p) for p in ints] if len(ints) == len(text) else []
+    if len(nums) == 2 and min(nums) >= 1:
+        return nums[0], nums[1]
+    raise ValueError(
+        f"bad crop {text!r}: expected HxW such as '320x320' (or 'H,W', two positive integers; "
+        "'' for no crop)"
+    )
+
+
+def dataset_kwargs(
+    mask: str = "random1d",
+    accel: float = 4,
+    acs_frac: float = 0.08,
+    seed: int = 0,
+    maps: str = "espirit",
+    crop: object = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """:class:`SiteDataset` keyword arguments from a data configuration's values.
+
+    The one mapping from the config keys (``data.mask``, ``data.accel``, ``data.acs_frac``,
+    ``data.seed``, ``data.maps``, ``data.crop``) to the dataset, for training, baselines,
+    reports, ``recon`` and personalization alike (so every path orients horizontal-readout files
+    the same way, ``rotate=None``); ``extra`` (``rotate``, ``max_slices``, ...) wins. Adapters: :func:`dataset_kwargs_from_flat` (a flat run
+    config), ``server.config.DataSection.dataset_kwargs`` and
+    ``recon.commands.DataConfig.dataset_kwargs``.
+    """
+    return {
+        "mask_kind": mask,
+        "accel": accel,
+        "acs_frac": acs_frac,
+        "seed": seed,
+        "maps_method": maps,
+        "crop": parse_crop(crop),
+        "rotate": None,  # horizontal-readout files (attribute ``readout``) are rotated
+        **extra,
+    }
+
+
+def data_values_from_flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`dataset_kwargs` values present in a flat run config (``{"data.acs-frac": ..}``
+    -> ``{"acs_frac": ..}``; missing keys are left out, i.e. take the defaults)."""
+    return {name: config[key] for key, name in FLAT_DATA_KEYS.items() if key in config}
+
+
+def dataset_kwargs_from_flat(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """:func:`dataset_kwargs` of a flat run config (e.g. ``results.json["config"]``)."""
+    return dataset_kwargs(**data_values_from_flat(config), **extra)
 
 
 def split_files(files: Sequence[Path], split: str) -> list[Path]:
@@ -110,6 +186,11 @@ class SiteDataset(Dataset[Sample]):
     map_kwargs : mapping, optional
         Extra estimator settings, e.g. ``{"crop": 0}`` for ESPIRiT maps that are not zeroed
         outside the object (part of the cache key).
+    crop : (H, W) or None
+        Image-domain centre crop of every slice, in the file's orientation (before rotation),
+        applied to the fully sampled k-space right after reading (fastMRI readout
+        oversampling: ``(320, 320)``); the coil maps are those of the cropped k-space (cached
+        per crop). A file whose matrix is smaller than the crop is skipped (:class:`DataError`).
 
     Attributes
     ----------
@@ -139,6 +220,7 @@ class SiteDataset(Dataset[Sample]):
         cache_dir: str | os.PathLike[str] | None = None,
         map_kwargs: Mapping[str, Any] | None = None,
         files: Sequence[str | os.PathLike[str]] | None = None,
+        crop: tuple[int, int] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -152,6 +234,7 @@ class SiteDataset(Dataset[Sample]):
         self.accel = accel
         self.acs_frac = acs_frac
         self.seed = seed
+        self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
         if files is not None:  # explicit files (e.g. one file to reconstruct): no split logic
             candidates = [Path(f) for f in files]
         elif split_dir_layout(root):
@@ -167,16 +250,23 @@ class SiteDataset(Dataset[Sample]):
             name = display_name(path, root)
             try:
                 vol = read_volume(path, name=name)
+                kspace = crop_kspace(vol.kspace, self.crop, name)
                 maps, _ = load_or_compute_maps(
-                    path, vol.kspace, root, maps_method, calib, map_kwargs, cache_dir=cache_dir
+                    path,
+                    kspace,
+                    root,
+                    maps_method,
+                    calib,
+                    map_kwargs,
+                    cache_dir=cache_dir,
+                    crop=self.crop,
                 )
                 rot = bool(vol.attrs.get("readout") == "horizontal") if rotate is None else rotate
                 n = vol.num_slices
                 if max_slices is not None:
                     n = min(n, max_slices - len(self._items))
                 items = [
-                    self._make(vol.kspace[s], maps[s], path, name, s, rot, vol.attrs)
-                    for s in range(n)
+                    self._make(kspace[s], maps[s], path, name, s, rot, vol.attrs) for s in range(n)
                 ]
             except DataError as err:
                 self.errors.append(err)

@@ -4,7 +4,12 @@ Cache layout (one file per data file, mirroring the site's folders)::
 
     <site_dir>/.cache/maps-<method>/<split>/<stem>.maps.h5
         maps   complex64 [slices, coils, H, W]   (original orientation, before any rotation)
-        attrs  params (JSON of method + calibration settings), source (file name), version
+        attrs  params (JSON of method + calibration settings + image crop), source (file name),
+               version
+
+With an image-domain ``crop`` (readout oversampling removed, :func:`crop_kspace`) the maps are
+those of the cropped k-space; the crop is part of ``params`` (``"matrix_crop": [H, W]``, absent
+without a crop, so older caches stay valid), and a cache for another crop is recomputed.
 
 A cache file is reused when it is newer than its source, its ``params`` match and its shape
 matches the source k-space; otherwise it is recomputed. Writes are atomic (temporary file, then
@@ -29,19 +34,37 @@ import numpy as np
 from tqdm import tqdm
 
 from recon.data.h5io import KSPACE, DataError, display_name, read_volume, scan_site
-from recon.physics.coils import estimate_maps
+from recon.physics.coils import estimate_maps, np_crop_kspace
 
 CACHE_DIR = ".cache"
 CACHE_VERSION = 1
 METHODS = ("espirit", "jsense")
 
 
-def _params(method: str, calib: int | None, map_kwargs: Mapping[str, Any] | None) -> str:
+def _params(
+    method: str,
+    calib: int | None,
+    map_kwargs: Mapping[str, Any] | None,
+    crop: tuple[int, int] | None = None,
+) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown coil-map method {method!r}; choose one of {', '.join(METHODS)}")
-    return json.dumps(
-        {"method": method, "calib_width": calib, **dict(map_kwargs or {})}, sort_keys=True
-    )
+    params: dict[str, Any] = {"method": method, "calib_width": calib, **dict(map_kwargs or {})}
+    if crop is not None:  # not ``"crop"``: that is ESPIRiT's eigenvalue threshold (map_kwargs)
+        params["matrix_crop"] = [int(crop[0]), int(crop[1])]
+    return json.dumps(params, sort_keys=True)
+
+
+def crop_kspace(kspace: np.ndarray, crop: tuple[int, int] | None, name: str) -> np.ndarray:
+    """``kspace [..., C, H0, W0]`` cropped to the centre ``crop = (H, W)`` of its image (None:
+    unchanged); a crop larger than the matrix is a :class:`DataError` naming ``name``."""
+    if crop is None:
+        return kspace
+    h, w = (int(c) for c in crop)
+    h0, w0 = kspace.shape[-2:]
+    if h > h0 or w > w0:
+        raise DataError(name, "kspace", f"crop {h}x{w} larger than the {h0}x{w0} matrix")
+    return np_crop_kspace(kspace, (h, w))
 
 
 def cache_path(
@@ -123,13 +146,17 @@ def load_or_compute_maps(
     force: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     pbar: Any = None,
+    crop: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Maps of one file from the cache, or computed (and cached) if absent or stale.
 
     Parameters
     ----------
     kspace : complex ndarray ``[S, C, H, W]``, optional
-        The file's k-space if already loaded (else it is read).
+        The file's k-space if already loaded, already cropped to ``crop`` if one is given (else
+        it is read, and cropped).
+    crop : (H, W), optional
+        Image-domain centre crop of the k-space the maps belong to (:func:`crop_kspace`).
 
     Returns
     -------
@@ -138,11 +165,13 @@ def load_or_compute_maps(
         True if the maps were (re)computed now.
     """
     src = Path(h5_path)
-    params = _params(method, calib, map_kwargs)
+    params = _params(method, calib, map_kwargs, crop)
     path = cache_path(src, site_dir, method, cache_dir)
     shown = display_name(src, site_dir) if site_dir is not None else str(src)
     if kspace is None:
-        kspace = read_volume(src, name=shown).kspace
+        kspace = crop_kspace(read_volume(src, name=shown).kspace, crop, shown)
+    elif crop is not None and tuple(kspace.shape[-2:]) != tuple(crop):
+        raise ValueError(f"{shown}: k-space {kspace.shape[-2:]} is not cropped to {tuple(crop)}")
     if not force:
         cached = _read_cache(path, src, params, kspace.shape)
         if cached is not None:
@@ -162,10 +191,10 @@ def load_or_compute_maps(
 
 def _prepare_one(job: tuple[Any, ...], pbar: Any = None) -> bool | DataError:
     """Maps of one file (a picklable unit of work): True if computed, False if reused."""
-    path, root, method, calib, map_kwargs, force, cache_dir = job
+    path, root, method, calib, map_kwargs, force, cache_dir, crop = job
     try:
         _, fresh = load_or_compute_maps(
-            path, None, root, method, calib, map_kwargs, force, cache_dir, pbar
+            path, None, root, method, calib, map_kwargs, force, cache_dir, pbar, crop
         )
     except DataError as err:
         return err
@@ -181,6 +210,7 @@ def prepare_site(
     map_kwargs: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int = 1,
+    crop: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Validate a site and compute (or reuse) the coil maps of every slice of every valid file.
 
@@ -202,6 +232,9 @@ def prepare_site(
         matrices on idle multi-core machines (ESPIRiT at 320x320/15 coils takes 10+ s a slice),
         not for small synthetic sites. Scripts calling it need an ``if __name__ == "__main__"``
         guard (spawn re-imports the main module).
+    crop : (H, W), optional
+        Maps of the centre ``H x W`` image crop (``SiteDataset(crop=...)``; fastMRI readout
+        oversampling); a file whose matrix is smaller is reported as bad.
 
     Returns
     -------
@@ -210,7 +243,7 @@ def prepare_site(
         ``reused`` (files), ``errors`` (messages naming file and field), ``seconds``.
     """
     t0 = time.perf_counter()
-    _params(method, calib, map_kwargs)  # fail fast on an unknown method
+    _params(method, calib, map_kwargs, crop)  # fail fast on an unknown method
     root = Path(site_dir)
     valid, errors = scan_site(root)
     slices = {p: _num_slices(p) for p in valid}
@@ -224,7 +257,7 @@ def prepare_site(
         disable=not progress,
         file=sys.stderr,
     ) as bar:
-        jobs = [(p, root, method, calib, map_kwargs, force, cache_dir) for p in valid]
+        jobs = [(p, root, method, calib, map_kwargs, force, cache_dir, crop) for p in valid]
         if workers > 1 and len(jobs) > 1:
             # spawn, not fork: the parent may hold torch/OpenMP threads
             ctx = multiprocessing.get_context("spawn")
