@@ -30,10 +30,9 @@ class DataConfig(BaseModel):
     @field_validator("crop", mode="before")
     @classmethod
     def _crop(cls, value: Any) -> str:
-        from recon.data.dataset import parse_crop
+        from recon.data.dataset import crop_text
 
-        crop = parse_crop(value)
-        return "" if crop is None else f"{crop[0]}x{crop[1]}"
+        return crop_text(value)
 
     def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
         """:class:`~recon.data.dataset.SiteDataset` keyword arguments (``extra`` passed on)."""

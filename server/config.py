@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from recon.data.dataset import dataset_kwargs, parse_crop
+from recon.data.dataset import crop_text, dataset_kwargs
 from recon.models import ModelConfig
 from recon.train import TrainConfig
 from recon.train.methods import check_method
@@ -237,8 +237,7 @@ class DataSection(_Section):
     @field_validator("crop", mode="before")
     @classmethod
     def _crop(cls, value: Any) -> str:
-        crop = parse_crop(value)
-        return "" if crop is None else f"{crop[0]}x{crop[1]}"
+        return crop_text(value)
 
     def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
         """:class:`~recon.data.dataset.SiteDataset` keyword arguments of the sites' slices

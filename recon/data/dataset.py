@@ -72,6 +72,13 @@ def parse_crop(text: object) -> tuple[int, int] | None:
     )
 
 
+def crop_text(value: object) -> str:
+    """A crop setting as the config stores it: ``"HxW"``, or ``""`` for none (pydantic
+    validator of ``data.crop`` in both the run config and ``fedunroll train``)."""
+    crop = parse_crop(value)
+    return "" if crop is None else f"{crop[0]}x{crop[1]}"
+
+
 def dataset_kwargs(
     mask: str = "random1d",
     accel: float = 4,

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from recon.physics.fft import center_crop
+
 _AXES = (-2, -1)
 
 
@@ -30,24 +32,13 @@ def np_ifft2c(k: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=_AXES), norm="ortho"), axes=_AXES)
 
 
-def np_center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Crop the last two axes of ``x`` to ``shape`` around the centre (numpy twin of
-    ``center_crop``, same offsets); a crop larger than ``x`` is a ``ValueError``."""
-    h, w = x.shape[-2:]
-    ch, cw = shape
-    if ch > h or cw > w:
-        raise ValueError(f"crop {tuple(shape)} larger than image {(h, w)}")
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[..., top : top + ch, left : left + cw]
-
-
 def np_crop_kspace(kspace: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """K-space ``[..., H0, W0]`` of the centre ``shape`` of its image: ``F(crop(F^-1 k))``.
 
     Removes readout oversampling (fastMRI: 640x368 k-space for a 320x320 image) while keeping
     the coil images' scale (orthonormal FFTs).
     """
-    out = np_fft2c(np_center_crop(np_ifft2c(kspace), shape))
+    out = np_fft2c(center_crop(np_ifft2c(kspace), shape))
     return out.astype(np.result_type(kspace.dtype, np.complex64), copy=False)
 
 

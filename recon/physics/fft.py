@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 _DIMS = (-2, -1)
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 
 
 @functools.lru_cache(maxsize=32)
@@ -57,11 +60,12 @@ def rss(coil_images: torch.Tensor, coil_dim: int = -3) -> torch.Tensor:
     return torch.sqrt(torch.sum(coil_images.abs() ** 2, dim=coil_dim))
 
 
-def center_crop(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Crop the last two dims of ``x`` to ``shape`` around the centre."""
+def center_crop(x: ArrayT, shape: tuple[int, int]) -> ArrayT:
+    """Crop the last two dims of ``x`` (a tensor or a numpy array) to ``shape`` around the
+    centre; a crop larger than ``x`` is a ``ValueError``."""
     h, w = x.shape[-2:]
     ch, cw = shape
     if ch > h or cw > w:
-        raise ValueError(f"crop {shape} larger than image {(h, w)}")
+        raise ValueError(f"crop {tuple(shape)} larger than image {(h, w)}")
     top, left = (h - ch) // 2, (w - cw) // 2
     return x[..., top : top + ch, left : left + cw]
