@@ -290,3 +290,19 @@ def test_every_method_stops_when_after_step_says_so(method: str) -> None:
     )
     assert calls == [1, 2]
     assert res.steps == 2 and len(res.losses) == 2
+
+
+@pytest.mark.parametrize("method", ["e2e", "checkpoint", "gleam"])
+def test_non_finite_loss_is_refused_naming_where(method: str) -> None:
+    """A NaN in a slice's k-space stops training with an error naming the step and slice (and
+    the module under GLEAM), before any weight is changed."""
+    bad = copy.deepcopy(DATA[0])
+    bad.kspace[0, 0, 0] = float("nan")
+    model = tiny_modl(2)
+    before = copy.deepcopy(model)
+    with pytest.raises(FloatingPointError, match="non-finite training loss") as err:
+        local_train(method, model, [bad], CFG)
+    assert "'slice': 0" in str(err.value) and "step 0" in str(err.value)
+    if method == "gleam":
+        assert "GLEAM module 0" in str(err.value)
+    assert_same_params(model, before, atol=0)

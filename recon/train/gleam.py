@@ -41,6 +41,7 @@ from recon.train.trainer import (
     TrainHooks,
     TrainResult,
     _progress,
+    check_finite_loss,
     iterate_batches,
     optimizer_step,
 )
@@ -232,9 +233,14 @@ def _gleam_step(
                 loss = loss + hooks.regularizer(model).to(loss.device)
             pending.append(loss)
             x = x.detach()
-        for m, loss in zip(block, pending):  # lines 9-13: per-module backward and update
-            where = f"in GLEAM module {m} at step {step} (slice {sample.meta})"
-            optimizer_step(loss, model, params[m], opts[m], hooks, cfg.grad_clip, where)
+        # The block's losses are all checked (a host sync each) before any backward is queued,
+        # so the D backward passes are then queued back to back and run side by side on their
+        # devices, and a non-finite loss stops the step before any module of the block moved.
+        wheres = [f"in GLEAM module {m} at step {step} (slice {sample.meta})" for m in block]
+        for loss, where in zip(pending, wheres):
+            check_finite_loss(loss, where)
+        for m, loss, where in zip(block, pending, wheres):  # lines 9-13: backward and update
+            optimizer_step(loss, model, params[m], opts[m], hooks, cfg.grad_clip, where, False)
             detached.append(loss.detach())
         del pending, loss  # free the finished modules' graphs before the next block
     return [float(v) for v in detached]

@@ -113,16 +113,16 @@ def optimizer_step(
     hooks: TrainHooks,
     grad_clip: float | None,
     where: str,
+    check_finite: bool = True,
 ) -> None:
     """One update of ``params`` from ``loss``, shared by every trainer.
 
-    Refuses a non-finite loss (``where`` says which step / module / slice), backpropagates into
+    Refuses a non-finite loss (``where`` says which step / module / slice; ``check_finite=False``
+    when the caller already checked, see :func:`check_finite_loss`), backpropagates into
     ``params`` only, lets ``hooks.after_backward`` edit the gradients (Scaffold), clips, steps.
     """
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite training loss {where}; lower the learning rate or check the data"
-        )
+    if check_finite:
+        check_finite_loss(loss, where)
     model.zero_grad(set_to_none=True)  # hooks must see this update's gradients only
     loss.backward(inputs=params)
     if hooks.after_backward is not None:
@@ -131,6 +131,14 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """A ``FloatingPointError`` naming ``where`` if ``loss`` is NaN or infinite (a host sync)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite training loss {where}; lower the learning rate or check the data"
+        )
 
 
 def train(
