@@ -581,7 +581,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax[2].plot(range(len(curve)), curve, "o-", color=c, label=k)
         ax[2].set_xlabel("N_inf (unrolls run at inference)")
         ax[2].set_ylabel("PSNR (dB), held-out")
-        ax[2].set_title("equal architecture: early exit")
+        qarch = {"pgd": "PGD", "modl": "MoDL"}[report["config"].get("quality_arch", "modl")]
+        ax[2].set_title(f"equal architecture ({qarch} N={arch['e2e']['unrolls']}): early exit")
         ax[2].legend()
         mem = report["equal_memory"]
         labels = [f"e2e N={mem['e2e']['unrolls']}", f"GLEAM N={mem['gleam']['unrolls']}"]
@@ -600,7 +601,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax[3].axhline(mem["e2e"]["psnr_zero_filled"], color="grey", ls="--", lw=1)
         ax[3].set_ylim(min(vals + [mem["e2e"]["psnr_zero_filled"]]) - 1, max(vals) + 1)
         ax[3].set_ylabel("PSNR (dB), held-out")
-        ax[3].set_title("equal memory")
+        ax[3].set_title(f"equal memory ({qarch}; dashed: zero-filled)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -128,6 +128,10 @@ def main() -> int:
     if args.one:  # child process: one configuration, JSON on stdout
         import torch
 
+        from recon.runtime import tune_malloc
+
+        tune_malloc()  # as the fedunroll entry points do (recon/runtime.py)
+
         if args.device == "cpu":
             torch.set_num_threads(max(1, torch.get_num_threads()))
         row = run_one(

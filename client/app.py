@@ -38,6 +38,7 @@ from client.site import Site, load_split, resolve_site, split_key
 from recon.data.sample import collate
 from recon.models import Unrolled
 from recon.physics.sense import SenseOp
+from recon.runtime import tune_malloc
 from recon.train import TrainHooks, evaluate, get_loss
 from recon.train.methods import local_train
 from server.config import (
@@ -66,6 +67,7 @@ from strategies.records import (
 )
 
 app = ClientApp()
+tune_malloc()  # the ClientApp process trains: keep large tensors on the heap
 
 _ZERO_FILLED: dict[tuple[Any, ...], dict[str, float]] = {}
 

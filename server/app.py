@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from recon.models import count_parameters
 from recon.models.checkpoint import save_checkpoint
+from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
 from server import nas as nas_phase
@@ -35,6 +36,7 @@ from server.personalize import TrainingGrid, personalization_phase
 from strategies.flower import build_strategy, to_record
 
 app = ServerApp()
+tune_malloc()  # the ServerApp process evaluates and aggregates
 
 # Keys a resumed run may change (where to write, how long to wait, how many rounds in total).
 RESUMABLE_CHANGES = ("num-server-rounds", "round-timeout", "node-wait-timeout")

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from recon.runtime import tune_malloc
+
+    tune_malloc()  # no page fault per large tensor; inherited by the processes simulate starts
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
