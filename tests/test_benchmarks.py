@@ -1,0 +1,60 @@
+"""The benchmark scripts run and write what their README promises (tiny sizes, smoke only:
+the figures themselves are measured by hand, see benchmarks/results/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> None:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_bench_gleam_quick_writes_json_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "g.json"
+    _run(
+        "benchmarks/bench_gleam.py",
+        "--quick",
+        "--size", "32", "--coils", "2", "--unrolls", "2",
+        "--quality-size", "32", "--quality-coils", "2", "--budget-unrolls", "1",
+        "--train-steps", "6", "--slices", "20",
+        "--out", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    mt = report["memory_time"]
+    assert set(mt["runs"]) == {"e2e", "checkpoint", "gleam"}
+    assert mt["activation_ratio_e2e_over_gleam"] > 1  # greedy modules hold fewer activations
+    for section in ("equal_architecture", "equal_memory"):
+        runs = report[section]
+        assert runs["e2e"]["per_seed"] and runs["gleam"]["per_seed"]
+        assert len(runs["gleam"]["psnr_per_unroll"]) == runs["gleam"]["unrolls"]
+    assert (
+        report["equal_memory"]["gleam"]["unrolls"] == 3 * report["equal_memory"]["e2e"]["unrolls"]
+    )
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_modl_quick_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    _run(
+        "benchmarks/bench_modl.py",
+        "--quick",
+        "--unrolls",
+        "2",
+        "--cg-iters",
+        "2",
+        "--out",
+        str(out),
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 64 and row["forward_s"] > 0 and row["forward_over_fft_floor"] > 0
