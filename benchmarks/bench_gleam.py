@@ -261,6 +261,12 @@ def spawn(spec: dict[str, Any], log: bool = True) -> dict[str, Any]:
     return result
 
 
+def peak_memory(base: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """The :data:`MEMORY_KEYS` of one short run (1 warm-up + 2 steps) under MEMORY_MALLOC_ENV."""
+    run = spawn(dict(base, **spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
+    return {k: run[k] for k in MEMORY_KEYS}
+
+
 def measure(
     base: dict[str, Any], specs: dict[str, dict[str, Any]], repeats: int
 ) -> dict[str, dict[str, Any]]:
@@ -270,10 +276,7 @@ def measure(
     median is kept, so a burst of load on a shared machine hits every method alike; every sample
     is in ``time_samples_s``.
     """
-    peaks = {
-        name: spawn(dict(base, **spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
-        for name, spec in specs.items()
-    }
+    peaks = {name: peak_memory(base, **spec) for name, spec in specs.items()}
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
     for _ in range(repeats):
         for name, spec in specs.items():
@@ -283,7 +286,7 @@ def measure(
         times = [r["time_per_iter_s"] for r in samples[name]]
         run = dict(samples[name][-1], time_per_iter_s=statistics.median(times))
         run["time_samples_s"] = times
-        run.update({k: peaks[name][k] for k in MEMORY_KEYS})
+        run.update(peaks[name])
         keys = ("method", "unrolls", "modules", "activations_and_grads_mb", "time_per_iter_s")
         print(f"  {name}: " + ", ".join(f"{k}={run.get(k)}" for k in keys), flush=True)
         out[name] = run
@@ -534,11 +537,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[3/3] equal memory: e2e N={b} vs GLEAM N={3 * b} (3 modules)", flush=True)
         mem: dict[str, Any] = {}
         for k, u, mods in (("e2e", b, None), ("gleam", 3 * b, 3)):
-            spec = dict(quality, method=k, unrolls=u, modules=mods)
             mem[k] = quality_runs(quality, seeds, method=k, unrolls=u, modules=mods)
-            peak = spawn(dict(spec, mode="memory", warmup=1, steps=2, eval=False), log=False)
-            for key in MEMORY_KEYS:
-                mem[k][key] = peak[key]
+            mem[k].update(peak_memory(quality, method=k, unrolls=u, modules=mods))
         mem.update(paired_gain(mem["e2e"], mem["gleam"]))
         mem["memory_ratio_gleam_over_e2e"] = ratio(
             mem["gleam"]["peak_extra_mb"], mem["e2e"]["peak_extra_mb"]

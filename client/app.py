@@ -19,22 +19,18 @@ Train message -> reply (seed 000 Sec. 3.3, Algorithm 1):
 from __future__ import annotations
 
 import time
-import traceback
 import zlib
 from collections.abc import Callable, Mapping
-from logging import ERROR
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import log
-from flwr.common.constant import ErrorCode
 
 from client import nas
 from client.control import forget_run, load_control, save_control
-from client.site import Site, load_split, resolve_site, split_key
+from client.site import Site, error_reply, load_split, resolve_site, site_label, split_key
 from recon.data.sample import collate
 from recon.models import Unrolled
 from recon.physics.sense import SenseOp
@@ -98,12 +94,6 @@ def _state_record(model: torch.nn.Module) -> ArrayRecord:
 
 def _summary(result: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": float(result[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
-
-
-def _error_reply(msg: Message, site: str, exc: BaseException) -> Message:
-    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
-    reason = f"site {site}: {type(exc).__name__}: {exc}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, Any], **arrays: ArrayRecord) -> Message:
@@ -176,15 +166,13 @@ def _scaffold_hook(
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Local training of the received global model; see the module docstring."""
-    site_name = str(
-        context.node_config.get("site-id", context.node_config.get("partition-id", "?"))
-    )
+    site_name = site_label(context)
     try:
         cfg, site = _setup(context)
         site_name = site.site_id
         return _train(msg, context, cfg, site)
     except Exception as exc:  # a site's failure is its reply, never a crash of the federation
-        return _error_reply(msg, site_name, exc)
+        return error_reply(msg, site_name, exc)
 
 
 def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
@@ -229,9 +217,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
 
     steps = cfg.local_steps
     train_cfg = cfg.train.train_config(steps, seed)
-    options = cfg.method_options()
-    if cfg.train.method == "gleam" and site.gleam_devices:  # P-GLEAM over the site's GPUs
-        options["devices"] = list(site.gleam_devices)
+    options = cfg.method_options(site.gleam_devices)  # P-GLEAM over the site's GPUs, if set
     result = local_train(
         cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options
     )
@@ -293,9 +279,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """SSIM / NRMSE / PSNR of the received model (and of zero-filled) on the site's slices."""
-    site_name = str(
-        context.node_config.get("site-id", context.node_config.get("partition-id", "?"))
-    )
+    site_name = site_label(context)
     try:
         cfg, site = _setup(context)
         site_name = site.site_id
@@ -324,7 +308,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             nas.forget_nas_state(context.state, site.state_path, run_uid)
         return _reply(msg, site, metrics)
     except Exception as exc:
-        return _error_reply(msg, site_name, exc)
+        return error_reply(msg, site_name, exc)
 
 
 # Personalization phase (issue 5): ``query.site``, ``train.personalize`` (client/personalize.py).

@@ -27,18 +27,62 @@ from strategies.flower import to_numpy, to_record
 
 STATE_ARRAYS = "scaffold.c-local"
 STATE_META = "scaffold.c-local-meta"
-_FILE = re.compile(r"^scaffold_c\.r(\d{6})\.npz$")
 
 
-def _folder(state_path: Path, run_uid: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run"
-    return state_path / ".fedunroll" / safe
+class RoundFiles:
+    """One run's round-tagged arrays at a site, ``<state path>/.fedunroll/<run uid>/
+    <stem>.r000003.npz``: Scaffold's c_k here, the client EMA in :mod:`client.nas`."""
+
+    def __init__(self, state_path: Path, run_uid: str, stem: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run"
+        self.folder = Path(state_path) / ".fedunroll" / safe
+        self.stem = stem
+        self._pattern = re.compile(rf"^{re.escape(stem)}\.r(\d{{6}})\.npz$")
+
+    def path(self, server_round: int) -> Path:
+        return self.folder / f"{self.stem}.r{server_round:06d}.npz"
+
+    def rounds(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        names = (p.name for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for n in names if (m := self._pattern.match(n)))
+
+    def latest_before(self, server_round: int) -> int | None:
+        """The last saved round before ``server_round`` (what a resumed round must read)."""
+        earlier = [r for r in self.rounds() if r < server_round]
+        return earlier[-1] if earlier else None
+
+    def save(self, server_round: int, arrays: Mapping[str, np.ndarray], keep_from: int) -> Path:
+        """Write atomically, then drop the rounds before ``keep_from``; raises ``OSError``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(server_round)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **dict(arrays))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for r in self.rounds():
+            if r < keep_from:
+                self.path(r).unlink(missing_ok=True)
+        return target
+
+    def forget(self) -> None:
+        """Delete every round's file, then the run folder and ``.fedunroll`` if left empty."""
+        for r in self.rounds():
+            self.path(r).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+            self.folder.parent.rmdir()  # .fedunroll, if no other run left files
+        except OSError:
+            pass
 
 
-def _saved_rounds(folder: Path) -> list[int]:
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _FILE.match(p.name)))
+def _files(state_path: Path, run_uid: str) -> RoundFiles:
+    return RoundFiles(state_path, run_uid, "scaffold_c")
 
 
 def load_control(
@@ -66,15 +110,15 @@ def load_control(
         arrays = to_numpy(state.array_records[STATE_ARRAYS])
         if _matches(arrays, reference):
             return arrays, int(meta["round"])  # type: ignore[arg-type]
-    folder = _folder(state_path, run_uid)
-    earlier = [r for r in _saved_rounds(folder) if r < server_round]
-    if earlier:
-        path = folder / f"scaffold_c.r{earlier[-1]:06d}.npz"
+    files = _files(state_path, run_uid)
+    latest = files.latest_before(server_round)
+    if latest is not None:
+        path = files.path(latest)
         try:
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
             if _matches(arrays, reference):
-                return arrays, earlier[-1]
+                return arrays, latest
             warnings.warn(
                 f"{path}: control variate does not match the model; reset to 0", stacklevel=2
             )
@@ -87,14 +131,7 @@ def forget_run(state: RecordDict, state_path: Path, run_uid: str) -> None:
     """Delete a finished run's c_k (state and disk). A run extended later restarts c_k at 0."""
     state.array_records.pop(STATE_ARRAYS, None)
     state.config_records.pop(STATE_META, None)
-    folder = _folder(state_path, run_uid)
-    for r in _saved_rounds(folder):
-        (folder / f"scaffold_c.r{r:06d}.npz").unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-        folder.parent.rmdir()  # .fedunroll, if no other run left files
-    except OSError:
-        pass
+    _files(state_path, run_uid).forget()
 
 
 def _matches(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> bool:
@@ -119,22 +156,10 @@ def save_control(
     """
     state.array_records[STATE_ARRAYS] = to_record(c_new)
     state.config_records[STATE_META] = ConfigRecord({"run-uid": run_uid, "round": server_round})
-    folder = _folder(state_path, run_uid)
-    target = folder / f"scaffold_c.r{server_round:06d}.npz"
+    files = _files(state_path, run_uid)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **dict(c_new))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for r in _saved_rounds(folder):
-            if r < loaded_round:
-                (folder / f"scaffold_c.r{r:06d}.npz").unlink(missing_ok=True)
+        return files.save(server_round, c_new, keep_from=loaded_round)
     except OSError as err:
+        target = files.path(server_round)
         warnings.warn(f"cannot save the Scaffold control variate to {target}: {err}", stacklevel=2)
         return None
-    return target

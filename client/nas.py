@@ -27,9 +27,6 @@ Search (``nas.alpha`` in the train message, seed 001 Algorithm 1 lines 4-6)
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +36,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from client.control import RoundFiles
 from recon.models import Unrolled, build_model
 from recon.models.unrolled import MoDL, UnrolledPGD
 from recon.nas import (
@@ -58,7 +56,6 @@ from strategies.records import ARRAYS, NAS_ALPHA, NUM_EXAMPLES
 FAIR_STATE = "fair.prev-loss"
 EMA_ARRAYS = "ema.state"
 EMA_META = "ema.meta"
-_EMA_FILE = re.compile(r"^ema\.r(\d{6})\.npz$")
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -116,14 +113,8 @@ def keep_local_risk(
 
 
 # --- client EMA -------------------------------------------------------------------------------
-def _ema_folder(state_path: Path, run_uid: str) -> Path:
-    return state_path / ".fedunroll" / (re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run")
-
-
-def _ema_rounds(folder: Path) -> list[int]:
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _EMA_FILE.match(p.name)))
+def _ema_files(state_path: Path, run_uid: str) -> RoundFiles:
+    return RoundFiles(state_path, run_uid, "ema")
 
 
 def _load_ema(
@@ -138,13 +129,13 @@ def _load_ema(
         and EMA_ARRAYS in state.array_records
     ):
         return to_numpy(state.array_records[EMA_ARRAYS]), int(meta["t"]), int(meta["round"])  # type: ignore[arg-type]
-    folder = _ema_folder(state_path, run_uid)
-    earlier = [r for r in _ema_rounds(folder) if r < server_round]
-    if earlier:
-        with np.load(folder / f"ema.r{earlier[-1]:06d}.npz") as z:
+    files = _ema_files(state_path, run_uid)
+    latest = files.latest_before(server_round)
+    if latest is not None:
+        with np.load(files.path(latest)) as z:
             arrays = {k: z[k] for k in z.files}
         t = int(arrays.pop("__t__"))
-        return arrays, t, earlier[-1]
+        return arrays, t, latest
     return None, 0, 0
 
 
@@ -161,20 +152,10 @@ def _save_ema(
     state.config_records[EMA_META] = ConfigRecord(
         {"run-uid": run_uid, "round": server_round, "t": t}
     )
-    folder = _ema_folder(state_path, run_uid)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __t__=np.int64(t), **dict(arrays))
-            os.replace(tmp, folder / f"ema.r{server_round:06d}.npz")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for r in _ema_rounds(folder):
-            if r < loaded_round:
-                (folder / f"ema.r{r:06d}.npz").unlink(missing_ok=True)
+        _ema_files(state_path, run_uid).save(
+            server_round, {"__t__": np.int64(t), **dict(arrays)}, keep_from=loaded_round
+        )
     except OSError:
         pass  # read-only state path: the context.state copy serves an uninterrupted run
 
@@ -206,14 +187,7 @@ def forget_nas_state(state: RecordDict, state_path: Path, run_uid: str) -> None:
     state.array_records.pop(EMA_ARRAYS, None)
     state.config_records.pop(EMA_META, None)
     state.config_records.pop(FAIR_STATE, None)
-    folder = _ema_folder(state_path, run_uid)
-    for r in _ema_rounds(folder):
-        (folder / f"ema.r{r:06d}.npz").unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-        folder.parent.rmdir()
-    except OSError:
-        pass
+    _ema_files(state_path, run_uid).forget()
 
 
 # --- search -----------------------------------------------------------------------------------

@@ -27,18 +27,16 @@ import math
 import os
 import tempfile
 import time
-import traceback
-from logging import ERROR, INFO
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.common.constant import ErrorCode
 
 from client.nas import build_site_model, genotype_of
-from client.site import Site, load_split, resolve_site
+from client.site import Site, error_reply, load_split, resolve_site, site_label
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
 from server.config import RunConfig, parse_run_config
@@ -96,17 +94,6 @@ def _setup(context: Context) -> tuple[RunConfig, Site]:
     return cfg, resolve_site(dict(context.node_config), cfg)
 
 
-def _site_name(context: Context) -> str:
-    nc = context.node_config
-    return str(nc.get("site-id", nc.get("partition-id", "?")))
-
-
-def _error_reply(msg: Message, site: str, exc: BaseException) -> Message:
-    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
-    reason = f"site {site}: {type(exc).__name__}: {exc}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-
-
 def site_query_handler(msg: Message, context: Context) -> Message:
     """``query.site``: ``config = {site-id, unseen}``; nothing else."""
     try:
@@ -115,7 +102,7 @@ def site_query_handler(msg: Message, context: Context) -> Message:
         content = RecordDict({CONFIG: ConfigRecord({SITE_ID: site.site_id, UNSEEN: unseen})})
         return Message(content, reply_to=msg)
     except Exception as exc:
-        return _error_reply(msg, _site_name(context), exc)
+        return error_reply(msg, site_label(context), exc)
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -131,7 +118,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 def personalize_handler(msg: Message, context: Context) -> Message:
     """``train.personalize``: fine-tune locally, keep the weights, reply the metrics only."""
-    site_name = _site_name(context)
+    site_name = site_label(context)
     try:
         cfg, site = _setup(context)
         site_name = site.site_id
@@ -179,7 +166,7 @@ def personalize_handler(msg: Message, context: Context) -> Message:
         )
         return Message(content, reply_to=msg)
     except Exception as exc:
-        return _error_reply(msg, site_name, exc)
+        return error_reply(msg, site_name, exc)
 
 
 def register(app: Any) -> None:

@@ -9,12 +9,17 @@ files) in a writable folder, so the data may be mounted read-only; it defaults t
 from __future__ import annotations
 
 import threading
+import traceback
 from dataclasses import dataclass
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
-import torch
+from flwr.app import Context, Error, Message
+from flwr.common import log
+from flwr.common.constant import ErrorCode
 
+from recon import runtime
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
 from server.config import RunConfig
@@ -48,12 +53,25 @@ class Site:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA request without CUDA is an error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SiteError(f"device {name!r} requested but CUDA is not available on this node")
-    return name
+    """:func:`recon.runtime.resolve_device`, failing with a :class:`SiteError` (this node)."""
+    try:
+        return runtime.resolve_device(name)
+    except ValueError as err:
+        raise SiteError(f"{err} on this node") from None
+
+
+def site_label(context: Context) -> str:
+    """How a node is named in logs and error replies before its site is resolved."""
+    nc = context.node_config
+    return str(nc.get("site-id", nc.get("partition-id", "?")))
+
+
+def error_reply(msg: Message, site: str, exc: BaseException) -> Message:
+    """A site's failure as its reply (logged with the traceback), never a crash of the
+    federation; the reason names the site."""
+    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
+    reason = f"site {site}: {type(exc).__name__}: {exc}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:

@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from recon.runtime import resolve_device
+
 DEFAULT_DATA = Path("data/synth")
 
 
@@ -81,16 +83,17 @@ class TrainJob(NamedTuple):
 
     def method_options(self) -> dict[str, Any]:
         """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``."""
-        if self.method == "gleam":
-            g = self.gleam
-            opts: dict[str, Any] = {"num_modules": g.modules or None}
-            opts.update({k: v for k, v in (("lrs", g.lrs), ("losses", g.losses)) if v})
-            if g.devices:
-                opts["devices"] = [resolve_device(d) for d in g.devices]
-            return opts
-        if self.method == "layerwise":
-            return {"steps_per_block": self.layerwise.steps_per_block or None}
-        return {}
+        from recon.train.methods import method_options
+
+        g = self.gleam
+        return method_options(
+            self.method,
+            gleam_modules=g.modules,
+            gleam_devices=[resolve_device(d) for d in g.devices],
+            gleam_lrs=g.lrs,
+            gleam_losses=g.losses,
+            steps_per_block=self.layerwise.steps_per_block,
+        )
 
 
 ARCH_NAMES = {"modl": "MoDL", "pgd": "unrolled PGD"}
@@ -109,16 +112,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "train.method=gleam gleam.modules=3",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return name
 
 
 def load_job_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainJob:

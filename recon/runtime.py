@@ -1,4 +1,5 @@
-"""Process-wide settings of the fedunroll entry points (CLI, ClientApp, ServerApp).
+"""Process-wide settings of the fedunroll entry points (CLI, ClientApp, ServerApp): the torch
+device, the allocator.
 
 glibc's allocator serves blocks above a *dynamic* threshold (128 KiB at start) with fresh
 ``mmap`` pages and unmaps them on free, so a training step that allocates and frees megabyte-sized
@@ -25,6 +26,18 @@ ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
 }
 OPT_OUT = "FEDUNROLL_MALLOC_TUNING"  # "0": leave the allocator alone
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA request without CUDA is a
+    ``ValueError``."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return name
 
 
 def tune_malloc() -> bool:

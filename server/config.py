@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -30,7 +30,7 @@ from pydantic import (
 from recon.data.dataset import crop_text, dataset_kwargs
 from recon.models import ModelConfig
 from recon.train import TrainConfig
-from recon.train.methods import check_method
+from recon.train.methods import check_method, method_options
 
 # Config entries the server adds to its messages (besides those of ``strategies.records``).
 MSG_RUN_UID = "run.uid"  # identifies a run across resumes (Scaffold's c_k files are keyed by it)
@@ -385,13 +385,15 @@ class RunConfig(BaseModel):
                 "genotype file, or nas.search-rounds > 0 to search one first"
             )
 
-    def method_options(self) -> dict[str, Any]:
-        """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``."""
-        if self.train.method == "gleam":
-            return {"num_modules": self.gleam.modules or None}
-        if self.train.method == "layerwise":
-            return {"steps_per_block": self.layerwise.steps_per_block or None}
-        return {}
+    def method_options(self, gleam_devices: Sequence[str] = ()) -> dict[str, Any]:
+        """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``;
+        ``gleam_devices`` is the site's own P-GLEAM setting (node config ``gleam-devices``)."""
+        return method_options(
+            self.train.method,
+            gleam_modules=self.gleam.modules,
+            gleam_devices=gleam_devices,
+            steps_per_block=self.layerwise.steps_per_block,
+        )
 
     @property
     def local_steps(self) -> int:

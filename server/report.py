@@ -381,8 +381,7 @@ def data_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     (the same slices, crop and masks the sites used: see ``client.site.load_split``)."""
     from recon.data.dataset import dataset_kwargs_from_flat
 
-    # horizontal-readout files are rotated, as at the sites
-    return dataset_kwargs_from_flat(config, rotate=None)
+    return dataset_kwargs_from_flat(config)  # rotated by file attribute, as at the sites
 
 
 def _grid_inputs(

@@ -78,17 +78,18 @@ def build(
         "name": name,
         "config": dict(config),
         "sites": list(sites),
-        "model": {"num_parameters": int(num_parameters or 0), "bytes": int(model_bytes)},
-        "rounds": rounds,
-        "final": {k: v for k, v in final.items() if v or k in ("federated", "zero_filled")},
-        "timings": {
+    }
+    if num_parameters is not None:
+        out["model"] = {"num_parameters": int(num_parameters), "bytes": int(model_bytes)}
+    out.update(
+        rounds=rounds,
+        final={k: v for k, v in final.items() if v or k in ("federated", "zero_filled")},
+        timings={
             "total_seconds": float(total_seconds),
             "rounds_seconds": float(sum(r["seconds"] for r in rounds)),
         },
-        "status": status,
-    }
-    if num_parameters is None:
-        del out["model"]
+        status=status,
+    )
     if personalization:
         out["personalization"] = dict(personalization)
     return out

@@ -209,6 +209,10 @@ class _Base(_FlowerFedAvg):
         """Extra ArrayRecords expected in every train reply, with their reference arrays."""
         return {}
 
+    def _evaluate_records(self) -> dict[str, ArrayRecord]:
+        """Extra ArrayRecords sent with the model in configure_evaluate."""
+        return {}
+
     def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
         """New global arrays from validated replies (FedAvg by default)."""
         return maths.fedavg([r.arrays for r in replies], [r.num_examples for r in replies])
@@ -352,7 +356,7 @@ class _Base(_FlowerFedAvg):
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
         eval_config = ConfigRecord(dict(config))
         eval_config[SERVER_ROUND] = self.round
-        content = RecordDict({ARRAYS: arrays, CONFIG: eval_config})
+        content = RecordDict({ARRAYS: arrays, CONFIG: eval_config, **self._evaluate_records()})
         self._sent = list(self._construct_messages(content, node_ids, MessageType.EVALUATE))
         return self._sent
 

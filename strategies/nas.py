@@ -18,12 +18,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from strategies import maths, nas_maths
 from strategies.flower import (
@@ -35,7 +34,7 @@ from strategies.flower import (
     _unflatten,
     to_record,
 )
-from strategies.records import ARRAYS, CONFIG, FAIR_RISK_GAP, NAS_ALPHA, SERVER_ROUND, ReplyError
+from strategies.records import FAIR_RISK_GAP, NAS_ALPHA, ReplyError
 
 # Config entry a fairfedavg train message carries: the client must report ``fair.risk-gap``.
 FAIR_REPORT = "fair.report-gap"
@@ -120,20 +119,9 @@ class NasSearch(_Base):
         self.alpha = nas_maths.aggregate_alpha([r.extra[NAS_ALPHA] for r in replies], n)
         return maths.fedavg([r.arrays for r in replies], n)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def _evaluate_records(self) -> dict[str, ArrayRecord]:
         """Evaluate the supernet with the current global α (sent as ``nas.alpha``)."""
-        if self.fraction_evaluate == 0.0:
-            return []
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-        eval_config = ConfigRecord(dict(config))
-        eval_config[SERVER_ROUND] = self.round
-        content = RecordDict(
-            {ARRAYS: arrays, CONFIG: eval_config, NAS_ALPHA: to_record(self._alpha())}
-        )
-        self._sent = list(self._construct_messages(content, node_ids, MessageType.EVALUATE))
-        return self._sent
+        return self._extra_records()
 
     def _state(self) -> State:
         return {} if self.alpha is None else _flatten(NAS_ALPHA, self.alpha)

@@ -295,3 +295,22 @@ def test_failed_search_still_writes_results(root, tmp_path) -> None:
     data = results.read(tmp_path / "nas-fail")
     assert data["status"].startswith("failed: architecture search: ")
     assert data["rounds"] == [] and "model" not in data
+
+
+def test_client_ema_files_resume_prune_and_forget(tmp_path) -> None:
+    """The EMA's round-tagged files (client.control.RoundFiles): a fresh process state resumes
+    from disk, older rounds are pruned, and a finished run leaves no folder behind."""
+    from flwr.app import RecordDict
+
+    cfg = parse_run_config({"ema.enabled": True})
+    w = {"w": np.ones((2, 2), np.float32)}
+    state = RecordDict()
+    for rnd in (1, 2, 3):
+        client_nas.apply_ema(state, tmp_path, "run-x", rnd, {"w": w["w"] * rnd}, cfg)
+    folder = tmp_path / ".fedunroll" / "run-x"
+    assert sorted(p.name for p in folder.iterdir()) == ["ema.r000002.npz", "ema.r000003.npz"]
+    fresh = client_nas.apply_ema(RecordDict(), tmp_path, "run-x", 4, {"w": w["w"] * 4}, cfg)
+    again = client_nas.apply_ema(state, tmp_path, "run-x", 4, {"w": w["w"] * 4}, cfg)
+    np.testing.assert_array_equal(fresh["w"], again["w"])  # disk == in-memory state
+    client_nas.forget_nas_state(state, tmp_path, "run-x")
+    assert not (tmp_path / ".fedunroll").exists()

@@ -62,6 +62,31 @@ def check_method(
         )
 
 
+def method_options(
+    method: str,
+    *,
+    gleam_modules: int = 0,
+    gleam_devices: Sequence[str] = (),
+    gleam_lrs: Sequence[float] | None = None,
+    gleam_losses: Sequence[str] | None = None,
+    steps_per_block: int = 0,
+) -> dict[str, Any]:
+    """The keyword options of :func:`local_train` for ``method`` from config values (``0`` /
+    empty = the method's default); options of other methods are left out."""
+    if method == "gleam":
+        opts: dict[str, Any] = {"num_modules": gleam_modules or None}
+        if gleam_devices:
+            opts["devices"] = list(gleam_devices)
+        if gleam_lrs:
+            opts["lrs"] = list(gleam_lrs)
+        if gleam_losses:
+            opts["losses"] = list(gleam_losses)
+        return opts
+    if method == "layerwise":
+        return {"steps_per_block": steps_per_block or None}
+    return {}
+
+
 def local_train(
     method: str,
     model: Unrolled,
