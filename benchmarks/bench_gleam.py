@@ -1,8 +1,8 @@
-"""Memory, time and quality of end-to-end vs checkpointing vs GLEAM training (seed 004 Tables I-V).
+"""Memory, time and quality of end-to-end vs checkpointing vs GLEAM training (GLEAM Tables I-V).
 
 Three measurements, written to ``--out`` (JSON) with a PNG next to it:
 
-1. **Same architecture, memory and time** (seed 004 Tables I, II, V): MoDL with one U-Net per
+1. **Same architecture, memory and time** (GLEAM Tables I, II, V): MoDL with one U-Net per
    unroll, trained end to end, with one checkpoint per unroll, and with GLEAM (M = N). Each method
    runs in a fresh subprocess; the peak is the resident-set high-water mark (``VmHWM``, reset
    after setup through ``/proc/self/clear_refs``) on CPU, ``torch.cuda.max_memory_allocated`` on
@@ -10,8 +10,8 @@ Three measurements, written to ``--out`` (JSON) with a PNG next to it:
    before the run (weights, data); ``activations_and_grads_mb`` = ``peak_extra_mb`` minus Adam's
    moments, which the memory workers allocate when the optimisers are built (``EagerAdam``).
 2. **Equal architecture, quality**: e2e vs GLEAM at N unrolls, same steps, PSNR / SSIM on the
-   held-out slices of a synthetic site, and the per-unroll PSNR curve (seed 004 Fig. 9).
-3. **Equal memory, quality** (seed 004 Tables III-IV): e2e with ``B`` unrolls vs GLEAM with ``3B``
+   held-out slices of a synthetic site, and the per-unroll PSNR curve (GLEAM Fig. 9).
+3. **Equal memory, quality** (GLEAM Tables III-IV): e2e with ``B`` unrolls vs GLEAM with ``3B``
    unrolls in 3 modules of ``B`` (each module is the e2e network's size), same steps.
 
 The quality runs use unrolled PGD with a ResNet per unroll by default (``--quality-arch``; seed
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lam", type=float, default=0.05, help="MoDL lambda (fixed under GLEAM)")
     p.add_argument(
         "--pgleam-devices",
-        help="comma-separated devices (cuda:0,cuda:1) for an extra P-GLEAM run (seed 004 Alg. 2)",
+        help="comma-separated devices (cuda:0,cuda:1) for an extra P-GLEAM run (GLEAM Alg. 2)",
     )
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--warmup", type=int, default=2)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quality-arch",
         choices=["pgd", "modl"],
         default="pgd",
-        help="quality runs: unrolled PGD + ResNet (seed 004 Table III) or MoDL + U-Net",
+        help="quality runs: unrolled PGD + ResNet (GLEAM Table III) or MoDL + U-Net",
     )
     p.add_argument("--seeds", type=int, default=1, help="initialisations of the quality runs")
     p.add_argument("--budget-unrolls", type=int, default=2, help="B: e2e unrolls at equal memory")

@@ -4,7 +4,7 @@ Only model arrays, Scaffold's Delta c_k and scalar metrics leave the site (recor
 :mod:`strategies.records`); k-space, images and coil maps never enter a reply. A site whose data
 are bad replies with an error naming the file and field; the federation goes on without it.
 
-Train message -> reply (seed 000 Sec. 3.3, Algorithm 1):
+Train message -> reply (Levac et al. 2023 Sec. 3.3, Algorithm 1):
 
 1. load x (``arrays``) into the model, the site's training slices (cached per process);
 2. ``train.local-steps`` Adam steps of :func:`recon.train.methods.local_train` with
@@ -133,7 +133,7 @@ def _gradient_at(
 def _scaffold_hook(
     model: Unrolled, c_global: Mapping[str, np.ndarray], c_local: Mapping[str, np.ndarray]
 ) -> tuple[Callable[[torch.nn.Module], None], dict[str, torch.Tensor], dict[str, int]]:
-    """``after_backward`` adding ``c - c_k`` to the gradients (seed 000 Alg. 1 line 6).
+    """``after_backward`` adding ``c - c_k`` to the gradients (Levac et al. 2023 Alg. 1 line 6).
 
     Only parameters that have a gradient in this backward pass are corrected: GLEAM and
     layer-wise training call the hook once per module / block with the other ``.grad`` left
@@ -187,9 +187,9 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         return _reply(msg, site, search_metrics, **records)
     model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
     fair_metrics: dict[str, float] = {}
-    if config.get(FAIR_REPORT):  # fairfedavg: G_c of the received model (seed 001 Eq. 9)
+    if config.get(FAIR_REPORT):  # fairfedavg: G_c of the received model (GAutoMRI Eq. 9)
         fair_metrics[FAIR_RISK_GAP] = nas.global_risk_gap(context.state, run_uid, model, data, cfg)
-    if cfg.ema.enabled:  # start from the site's EMA of the global weights (seed 003 Eq. 7)
+    if cfg.ema.enabled:  # start from the site's EMA of the global weights (FedAutoMRI Eq. 7)
         received = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         omega = nas.apply_ema(context.state, site.state_path, run_uid, server_round, received, cfg)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in omega.items()})

@@ -98,7 +98,7 @@ def load_control(
     -------
     (c_k, round)
         The arrays (keys and dtypes of ``reference``, i.e. of c) and the round that produced
-        them (0 for the zero initialisation, seed 000 Alg. 1 ``c_k^0``).
+        them (0 for the zero initialisation, Levac et al. 2023 Alg. 1 ``c_k^0``).
     """
     meta = state.config_records.get(STATE_META)
     if (

@@ -1,13 +1,13 @@
 """Site side of the architecture-search issue: risk gap, client EMA, local MiLeNAS search.
 
-Risk gap (``fairfedavg``, seed 001 Eq. 9)
+Risk gap (``fairfedavg``, GAutoMRI Eq. 9)
     ``G_c = l(global) - l(previous local)``: the received global model's mean loss on the
     site's training slices (before local training) minus the loss its own model had on the
     same slices at the end of its previous local training. The latter is kept in
     ``context.state`` (``fair.prev-loss``, tagged with the run uid); the first round a site
     takes part in (or the first after a restart) reports 0.
 
-Client EMA (``ema.enabled``, seed 003 Eq. 7)
+Client EMA (``ema.enabled``, FedAutoMRI Eq. 7)
     Our reading: the EMA is of the *received global weights*, kept per site, and the EMA
     :math:`\\omega_c^t` replaces the received model as the *starting point of local training*
     (FedAutoMRI's remedy for heterogeneity: a site starts from a smoothed global model). The
@@ -18,7 +18,7 @@ Client EMA (``ema.enabled``, seed 003 Eq. 7)
     and ``<state path>/.fedunroll/<run uid>/ema.r<round>.npz`` (atomic), so a resumed run
     continues the average; the file of round r is read for rounds > r only.
 
-Search (``nas.alpha`` in the train message, seed 001 Algorithm 1 lines 4-6)
+Search (``nas.alpha`` in the train message, GAutoMRI Algorithm 1 lines 4-6)
     θ and α loaded into the search network, the training slices split into a train and a val
     part (:func:`recon.nas.split_train_val`, seeded by ``train.seed``), ``nas.search-steps``
     MiLeNAS steps, reply θ, α and ``num-examples`` = all the site's training slices (N_c).

@@ -1,4 +1,4 @@
-"""The hospital side of the personalization phase (issue 5; seed 000 Sec. 3.4 and 4.3).
+"""The hospital side of the personalization phase (issue 5; Levac et al. 2023 Sec. 3.4 and 4.3).
 
 Two extra ClientApp actions, registered on :data:`client.app.app`:
 

@@ -103,7 +103,7 @@ def parse_devices(value: object) -> tuple[str, ...]:
     """Node config ``gleam-devices="cuda:0,cuda:1"``: where a site's GLEAM modules run.
 
     A hospital whose GPUs are each too small for the model spreads the modules over them
-    (seed 004 Alg. 2, module ``m`` on ``devices[m % D]``); every entry is checked like
+    (GLEAM Alg. 2, module ``m`` on ``devices[m % D]``); every entry is checked like
     ``device``.
     """
     if value is None or not str(value).strip():

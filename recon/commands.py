@@ -17,7 +17,7 @@ DEFAULT_DATA = Path("data/synth")
 
 
 class DataConfig(BaseModel):
-    """How slices are undersampled (seed 000 Sec. 3.1 defaults: 1D random, R=4, 8% ACS)."""
+    """How slices are undersampled (Levac et al. 2023 Sec. 3.1 defaults: 1D random, R=4, 8% ACS)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,7 +52,7 @@ class DataConfig(BaseModel):
 
 
 class GleamOptions(BaseModel):
-    """``train.method = "gleam"`` (seed 004 Alg. 1 / 2): ``modules`` M (0: one per unroll),
+    """``train.method = "gleam"`` (GLEAM Alg. 1 / 2): ``modules`` M (0: one per unroll),
     ``devices`` for P-GLEAM (module m on ``devices[m % D]``), per-module ``lrs`` / ``losses``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -64,7 +64,8 @@ class GleamOptions(BaseModel):
 
 
 class LayerwiseOptions(BaseModel):
-    """``train.method = "layerwise"`` (seed 002): steps per convex block (0: split evenly)."""
+    """``train.method = "layerwise"`` (Ozturkler et al., ISMRM 2021): steps per convex block (0:
+    split evenly)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -371,7 +372,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pz = sub.add_parser(
         "personalize",
         help="fine-tune a global model at one site, hyper-parameters by k-fold CV",
-        description="Client-side personalization (seed 000 Sec. 3.4): choose the fine-tuning "
+        description="Client-side personalization (Levac et al. 2023 Sec. 3.4): choose the "
+        "fine-tuning "
         "learning rate and epochs by k-fold cross-validation on the site's training slices, "
         "fine-tune, and report test metrics before and after. Keys: personalize.lrs, "
         "personalize.max_epochs, personalize.folds, personalize.patience, personalize.min_gain, "

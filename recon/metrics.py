@@ -1,4 +1,4 @@
-"""Image quality on RSS magnitude: SSIM (seed 000 Eq. 9), NRMSE (Eq. 12), PSNR.
+"""Image quality on RSS magnitude: SSIM (Levac et al. 2023 Eq. 9), NRMSE (Eq. 12), PSNR.
 
 Torch implementations (differentiable, batched) that match scikit-image's
 ``structural_similarity`` (7x7 uniform window, K1=0.01, K2=0.03, sample covariance),
@@ -51,7 +51,7 @@ def ssim(
 
 
 def nrmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Seed 000 Eq. 12: ``||x - x_hat||_2 / ||x||_2`` per image."""
+    """Levac et al. 2023 Eq. 12: ``||x - x_hat||_2 / ||x||_2`` per image."""
     p, t = _as_batch(pred), _as_batch(target)
     out = (p - t).flatten(1).norm(dim=1) / t.flatten(1).norm(dim=1)
     return out[0] if pred.dim() == 2 else out

@@ -4,7 +4,7 @@ The file is treated as fully sampled: each slice is undersampled retrospectively
 seeded mask the training pipeline would use (so numbers are comparable with training), the
 chosen method reconstructs it, and metrics are computed against the fully sampled RSS.
 Classical baselines use SigPy: CG-SENSE (``SenseRecon``) and L1-wavelet compressed sensing
-(``L1WaveletRecon``, seed 004 Sec. V-A.2: 100 iterations).
+(``L1WaveletRecon``, GLEAM Sec. V-A.2: 100 iterations).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ STRATEGY_NAMES = (
     "fairfedavg",
 )
 # The derived genotype (JSON) sent with every message of a training phase with a searched
-# denoiser, so that sites build the same network (seed 001 Algorithm 2).
+# denoiser, so that sites build the same network (GAutoMRI Algorithm 2).
 MSG_NAS_GENOTYPE = "nas.genotype"
 
 
@@ -84,10 +84,11 @@ class StrategySection(_Section):
 
 
 class TrainSection(_Section):
-    """Local optimisation at each site per round (seed 000 Sec. 3.1: Adam, batch 1, SSIM loss)."""
+    """Local optimisation at each site per round (Levac et al. 2023 Sec. 3.1: Adam, batch 1, SSIM
+    loss)."""
 
     local_steps: int = _k(20, "local-steps", ge=1)
-    # Communication budget (seed 000 Sec. 3.4): a fixed total of local steps split over the
+    # Communication budget (Levac et al. 2023 Sec. 3.4): a fixed total of local steps split over the
     # rounds; when > 0 it overrides local-steps with total-steps / num-server-rounds.
     total_steps: int = _k(0, "total-steps", ge=0)
     lr: float = Field(1e-3, gt=0)
@@ -96,8 +97,8 @@ class TrainSection(_Section):
     grad_clip: float = _k(0.0, "grad-clip", ge=0)  # 0 = no clipping (TOML has no null)
     seed: int = 0
     # Local trainer (recon.train.methods.local_train): end-to-end, end-to-end with one activation
-    # checkpoint per unroll (same result, less memory), greedy GLEAM modules (seed 004) or
-    # layer-wise convex blocks (seed 002, model.denoiser = "convex").
+    # checkpoint per unroll (same result, less memory), greedy GLEAM modules (GLEAM) or
+    # layer-wise convex blocks (Ozturkler et al. 2021, model.denoiser = "convex").
     method: Literal["e2e", "gleam", "checkpoint", "layerwise"] = "e2e"
 
     def train_config(self, steps: int | None = None, seed: int | None = None) -> TrainConfig:
@@ -154,7 +155,8 @@ class FedProxSection(_Section):
 
 
 class ScaffoldSection(_Section):
-    """Seed 000 Algorithm 1: control-variate rule (line 7) and global step size (line 10)."""
+    """Levac et al. 2023 Algorithm 1: control-variate rule (line 7) and global step size (line
+    10)."""
 
     option: Literal["i", "ii"] = "ii"
     eta_g: float = _k(1.0, "eta-g", gt=0)
@@ -162,13 +164,14 @@ class ScaffoldSection(_Section):
 
 
 class GleamSection(_Section):
-    """``train.method = "gleam"``: M greedy modules of N / M unrolls (seed 004 Alg. 1)."""
+    """``train.method = "gleam"``: M greedy modules of N / M unrolls (GLEAM Alg. 1)."""
 
     modules: int = Field(0, ge=0)  # 0 = one module per unroll (M = N)
 
 
 class LayerwiseSection(_Section):
-    """``train.method = "layerwise"``: convex blocks trained one after the other (seed 002)."""
+    """``train.method = "layerwise"``: convex blocks trained one after the other (Ozturkler et al.,
+    ISMRM 2021)."""
 
     steps_per_block: int = _k(0, "steps-per-block", ge=0)  # 0 = split the local steps evenly
 
@@ -183,13 +186,13 @@ class FedOptSection(_Section):
 
 
 class FairSection(_Section):
-    """``strategy.name = "fairfedavg"``: fairness-adjusted weights (seed 001 Eq. 9-11)."""
+    """``strategy.name = "fairfedavg"``: fairness-adjusted weights (GAutoMRI Eq. 9-11)."""
 
     gamma: float = Field(0.01, ge=0)
 
 
 class EmaSection(_Section):
-    """Client EMA of the global weights as the start of local training (seed 003 Eq. 7)."""
+    """Client EMA of the global weights as the start of local training (FedAutoMRI Eq. 7)."""
 
     enabled: bool = False
     gamma: float = Field(0.9, ge=0, lt=1)
@@ -197,7 +200,7 @@ class EmaSection(_Section):
 
 
 class NasSection(_Section):
-    """Federated architecture search before training (seed 001 Alg. 1, MiLeNAS seed 003 Eq. 6).
+    """Federated architecture search before training (GAutoMRI Alg. 1, MiLeNAS FedAutoMRI Eq. 6).
 
     ``search-rounds > 0`` (with ``model.denoiser = "nas"`` and no ``model.nas-genotype``): that
     many search rounds, the genotype derived (top-k per node) into ``<run dir>/genotype.json``,
@@ -213,7 +216,8 @@ class NasSection(_Section):
 
 
 class DataSection(_Section):
-    """Where each site's slices come from and how they are undersampled (seed 000 Sec. 3.1)."""
+    """Where each site's slices come from and how they are undersampled (Levac et al. 2023 Sec.
+    3.1)."""
 
     root: str = "data/synth"
     num_sites: int = _k(4, "num-sites", ge=1, le=1000)
@@ -227,7 +231,7 @@ class DataSection(_Section):
     synth_slices: int = _k(50, "synth-slices", ge=3)  # slices per site, all splits
     synth_size: int = _k(0, "synth-size", ge=0)  # square matrix for every site; 0 = presets
     synth_coils: int = _k(0, "synth-coils", ge=0)  # coils for every site; 0 = presets
-    # Sites held out of training (seed 000 Table 1 "Unseen"): in simulation the partitions
+    # Sites held out of training (Levac et al. 2023 Table 1 "Unseen"): in simulation the partitions
     # num-sites .. num-sites + unseen-sites - 1; they only take part in personalization.
     unseen_sites: int = _k(0, "unseen-sites", ge=0, le=1000)
     # Image-domain centre crop "HxW" of every slice (fastMRI readout oversampling: "320x320");
@@ -264,7 +268,7 @@ class RunSection(_Section):
 
 
 class PersonalizeSection(_Section):
-    """Federated personalization after the last round (seed 000 Sec. 3.4, 4.3; issue 5).
+    """Federated personalization after the last round (Levac et al. 2023 Sec. 3.4, 4.3; issue 5).
 
     Every site (training and unseen) picks (r_fine, N_fine) by k-fold CV on its own training
     slices and fine-tunes the final global model; only before/after metrics come back.

@@ -1,4 +1,4 @@
-"""The search phase of a federated architecture search (seed 001 Algorithm 1) before training.
+"""The search phase of a federated architecture search (GAutoMRI Algorithm 1) before training.
 
 With ``model.denoiser = "nas"``:
 

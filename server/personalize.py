@@ -1,4 +1,4 @@
-"""The server side of the personalization phase (issue 5; seed 000 Sec. 3.4, 4.3, Table 1).
+"""The server side of the personalization phase (issue 5; Levac et al. 2023 Sec. 3.4, 4.3, Table 1).
 
 Held-out ("unseen") sites: with ``data.unseen-sites`` > 0 the server asks every node once which
 site it serves and whether it is held out (a ``query.site`` message, answered by

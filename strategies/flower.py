@@ -498,7 +498,7 @@ class FedAdagrad(_FedOpt):
 
 
 class Scaffold(_Base):
-    """Scaffold (Karimireddy et al. 2020; seed 000 Algorithm 1).
+    """Scaffold (Karimireddy et al. 2020; Levac et al. 2023 Algorithm 1).
 
     Sends c as ArrayRecord ``scaffold.c-global`` and ``scaffold.option`` in the config; each
     reply carries the trained model y_k in ``arrays`` and Delta c_k in ``scaffold.c-delta``.

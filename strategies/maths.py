@@ -4,9 +4,9 @@ Dicts map parameter names to arrays in ``state_dict`` order; outputs keep that o
 array's dtype (float32 stays float32). Sums are accumulated in float64 (complex128) and cast
 back once, so the result does not depend on float32 rounding of partial sums.
 
-Papers: FedAvg (McMahan et al. 2017; seed 000 eq. 10), FedOpt (Reddi et al. 2021,
+Papers: FedAvg (McMahan et al. 2017; Levac et al. 2023 eq. 10), FedOpt (Reddi et al. 2021,
 "Adaptive Federated Optimization", Algorithm 2), Scaffold (Karimireddy et al. 2020, Algorithm 1;
-seed 000 Algorithm 1), FedProx (Li et al. 2020, eq. 2).
+Levac et al. 2023 Algorithm 1), FedProx (Li et al. 2020, eq. 2).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def fedavg(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
     r"""Weighted average of client models.
 
     :math:`x = \sum_k \frac{n_k}{n} y_k`, :math:`n = \sum_k n_k` (McMahan et al. 2017,
-    Algorithm 1; seed 000 eq. 10 is the equal-weight case).
+    Algorithm 1; Levac et al. 2023 eq. 10 is the equal-weight case).
 
     Parameters
     ----------
@@ -203,7 +203,8 @@ def scaffold_server_update(
     num_clients: int,
     weights: Sequence[float] | None = None,
 ) -> tuple[Arrays, Arrays]:
-    r"""Scaffold server step (Karimireddy et al. 2020, Alg. 1 lines 16-17; seed 000 Alg. 1 l. 9-10).
+    r"""Scaffold server step (Karimireddy et al. 2020, Alg. 1 lines 16-17; Levac et al. 2023 Alg. 1
+    l. 9-10).
 
     - :math:`x \leftarrow x + \eta_g \frac{1}{|S|}\sum_{k\in S} \Delta y_k`,
       :math:`\Delta y_k = y_k - x` (uniform mean as in the paper; ``weights`` makes it
@@ -267,7 +268,7 @@ def scaffold_correction(
 ) -> dict[str, Any]:
     r"""Corrected local gradient :math:`g_k(y) - c_k + c` (Karimireddy et al. Alg. 1 line 10).
 
-    The client step is :math:`y \leftarrow y - \eta_l (g_k(y) - c_k + c)` (seed 000 Alg. 1
+    The client step is :math:`y \leftarrow y - \eta_l (g_k(y) - c_k + c)` (Levac et al. 2023 Alg. 1
     line 6). Works for numpy arrays and torch tensors alike (only ``+`` and ``-``); keys are
     those of ``grad``, which must all be in both control variates.
     """
@@ -287,7 +288,7 @@ def scaffold_client_control_update(
 ) -> tuple[Arrays, Arrays]:
     r"""New client control variate :math:`c_k^+` and :math:`\Delta c_k = c_k^+ - c_k`.
 
-    Karimireddy et al. Alg. 1 line 12 (seed 000 Alg. 1 line 7):
+    Karimireddy et al. Alg. 1 line 12 (Levac et al. 2023 Alg. 1 line 7):
 
     - option (i): :math:`c_k^+ = g_k(x)`, a (large-batch) gradient of the local loss at the
       server model x, computed by the client and passed as ``grad_at_global``;

@@ -1,7 +1,7 @@
-"""Strategies of the architecture-search issue (seed 001 GAutoMRI, seed 003 FedAutoMRI).
+"""Strategies of the architecture-search issue (GAutoMRI, FedAutoMRI).
 
 - :class:`FairFedAvg` (``fairfedavg``): the training phase with fairness-adjusted aggregation
-  weights (seed 001 Algorithm 2, Eq. 9-11). Every train reply carries the site's empirical risk
+  weights (GAutoMRI Algorithm 2, Eq. 9-11). Every train reply carries the site's empirical risk
   gap ``fair.risk-gap`` (Eq. 9) as a metric; the server updates the per-site weights
   :math:`a_c` with :func:`strategies.nas_maths.fairness_weights` and aggregates
   :math:`\\theta = \\sum_c a_c \\hat\\theta_c` (no :math:`N_c` factor). The weights are keyed
@@ -9,7 +9,7 @@
   A site seen for the first time starts at :math:`1/C` (C = the round's valid replies); when
   only some sites reply, Eq. 10-11 run over those sites and their weights are renormalised
   among themselves (the others keep theirs).
-- :class:`NasSearch` (``nas-search``): the search phase (seed 001 Algorithm 1, Eq. 8). Sends θ
+- :class:`NasSearch` (``nas-search``): the search phase (GAutoMRI Algorithm 1, Eq. 8). Sends θ
   (``arrays``) and α (``nas.alpha``) and expects both back; θ is the example-weighted FedAvg and
   α the example-weighted mean over *every* valid reply
   (:func:`strategies.nas_maths.aggregate_alpha`). α is strategy state (``nas.alpha/<key>``).
@@ -42,7 +42,7 @@ FAIR_WEIGHTS = "fair.weights"
 
 
 class FairFedAvg(_Base):
-    """FedAvg with fairness-adjusted, resumable per-site weights (seed 001 Eq. 9-11)."""
+    """FedAvg with fairness-adjusted, resumable per-site weights (GAutoMRI Eq. 9-11)."""
 
     name = "fairfedavg"
 

@@ -1,7 +1,7 @@
 """Aggregation maths of federated architecture search: numpy in, numpy out.
 
-Papers: GAutoMRI (seed 001: Algorithm 1 and Eq. 8, search-phase aggregation of θ and α;
-Algorithm 2 and Eq. 9-11, fairness-adjusted aggregation weights) and FedAutoMRI (seed 003 Eq. 7,
+Papers: GAutoMRI (GAutoMRI: Algorithm 1 and Eq. 8, search-phase aggregation of θ and α;
+Algorithm 2 and Eq. 9-11, fairness-adjusted aggregation weights) and FedAutoMRI (FedAutoMRI Eq. 7,
 client-side exponential moving average of the global weights).
 
 Dict inputs map names to arrays (``SearchDenoiser.alpha_state()`` keys for α, ``state_dict``
@@ -26,7 +26,7 @@ EMA_FORMS: tuple[str, ...] = ("adam", "printed", "plain")
 def aggregate_alpha(
     alphas: Sequence[Mapping[str, np.ndarray]], num_examples: Sequence[float]
 ) -> Arrays:
-    r"""Search-phase aggregation of the architecture weights (seed 001 Eq. 8, Alg. 1 line 8).
+    r"""Search-phase aggregation of the architecture weights (GAutoMRI Eq. 8, Alg. 1 line 8).
 
     :math:`\alpha^{r+1} = \sum_{c=1}^{C} \frac{N_c}{N} \hat\alpha_c^r`, :math:`N = \sum_c N_c`,
     over *every* reply (the authors' public aggregator ends up keeping client 0's α only).
@@ -48,14 +48,14 @@ def aggregate_alpha(
 
 
 def fairness_init(num_clients: int) -> np.ndarray:
-    """Initial fairness aggregation weights ``a_c^0 = 1 / C`` (seed 001 Algorithm 2, input)."""
+    """Initial fairness aggregation weights ``a_c^0 = 1 / C`` (GAutoMRI Algorithm 2, input)."""
     if num_clients < 1:
         raise ValueError(f"need at least one client, got {num_clients}")
     return np.full(num_clients, 1.0 / num_clients)
 
 
 def risk_gap(global_loss: float, prev_local_loss: float | None) -> float:
-    r"""Empirical risk gap (seed 001 Eq. 9).
+    r"""Empirical risk gap (GAutoMRI Eq. 9).
 
     :math:`G_c = \ell_{D_c}(\theta^r) - \ell_{D_c}(\hat\theta_c^{r-1})`. Here ``global_loss``
     is the received global model's loss on the site's data, before local training, and
@@ -76,7 +76,7 @@ def fairness_weights(
     gaps: Sequence[float] | np.ndarray,
     gamma: float,
 ) -> np.ndarray:
-    r"""Fairness-adjusted aggregation weights (seed 001 Eq. 10-11, Algorithm 2 line 8).
+    r"""Fairness-adjusted aggregation weights (GAutoMRI Eq. 10-11, Algorithm 2 line 8).
 
     .. math::
 
@@ -132,7 +132,7 @@ def client_ema(
     t: int,
     form: EmaForm = "adam",
 ) -> tuple[Arrays, Arrays]:
-    r"""Client-side EMA of the global weights (seed 003 Eq. 7).
+    r"""Client-side EMA of the global weights (FedAutoMRI Eq. 7).
 
     Printed: :math:`\omega_c^t = (\gamma\,\omega_c^{t-1} + (1-\gamma)\,\omega^t) / (1-\gamma^t)`,
     with :math:`\omega^t` the aggregated (global) weights of round t. The division by

@@ -231,7 +231,7 @@ def test_scaffold_with_gleam_leaves_frozen_controls_alone(setup, option) -> None
 
 
 def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup) -> None:
-    """``gleam-devices`` (P-GLEAM, seed 004 Alg. 2) gives the single-device GLEAM update; a
+    """``gleam-devices`` (P-GLEAM, GLEAM Alg. 2) gives the single-device GLEAM update; a
     device the node does not have fails the reply and names it."""
     root, flat, _ = setup
     flat = {**flat, "train.method": "gleam", "model.shared": False}

@@ -102,7 +102,7 @@ def test_train_slice_cap(sites: list[Path]) -> None:
 def test_simulate_baselines_use_the_federations_data_budget(
     sites: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``data.max-train-slices`` (seed 000's low-data regime) binds the local-only and the
+    """``data.max-train-slices`` (Levac et al. 2023's low-data regime) binds the local-only and the
     centralized baselines too, and they load slices with the sites' data settings."""
     from recon.train import baselines
     from server import simulate

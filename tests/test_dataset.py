@@ -89,7 +89,8 @@ def test_samples_types_shapes(site: Path) -> None:
 
 
 def test_normalisation_and_target(site: Path) -> None:
-    """Seed 000, Sec. 3.1: max of the RSS from the ACS lines is 1; target is the full RSS."""
+    """Levac et al. 2023, Sec. 3.1: max of the RSS from the ACS lines is 1; target is the full
+    RSS."""
     ds = SiteDataset(site, "val", acs_frac=0.08)
     for s in ds:
         k = s.kspace.numpy()  # undersampled, but the ACS lines are all there

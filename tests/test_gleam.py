@@ -1,4 +1,4 @@
-"""GLEAM / P-GLEAM (seed 004 Alg. 1-2), checkpointing and the method dispatcher (32 px)."""
+"""GLEAM / P-GLEAM (GLEAM Alg. 1-2), checkpointing and the method dispatcher (32 px)."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_gleam_per_module_lr_and_loss() -> None:
 
 
 def test_gleam_early_exit_curve_is_monotone() -> None:
-    """Seed 004 Fig. 9: every GLEAM prefix is trained to fit the reference, so PSNR rises with
+    """GLEAM Fig. 9: every GLEAM prefix is trained to fit the reference, so PSNR rises with
     N_inf. Seen (60 steps, N = 3): zero-filled 20.07, then 21.42, 21.57, 21.89 dB; end to end
     from the same init gives 20.66, 20.90, 22.13 and, with init seed 1, 20.62, 18.94, 21.80 (not
     monotone, as in Fig. 9)."""

@@ -1,4 +1,5 @@
-"""Convex two-layer blocks (seed 002) and their layer-wise training, on 32 px problems."""
+"""Convex two-layer blocks (Ozturkler et al., ISMRM 2021) and their layer-wise training, on 32 px
+problems."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def test_1d_acceleration_and_acs(maker, w: int, accel: int) -> None:
 
 
 def test_paper_setting_r4_8_percent() -> None:
-    """Seed 000, Sec. 3.1: R = 4, centre = 8% of the PE lines (368 lines -> 29 + random)."""
+    """Levac et al. 2023, Sec. 3.1: R = 4, centre = 8% of the PE lines (368 lines -> 29 +
+    random)."""
     mask = random_1d_mask((640, 368), accel=4, acs_frac=0.08, seed=0)
     assert int(mask[0].sum()) == round(368 / 4)
     assert num_acs_lines(368, 0.08) == 29

@@ -21,7 +21,7 @@ def _problem(b: int = 1, c: int = 2, h: int = 32, w: int = 32) -> tuple[torch.Te
 
 def test_default_modl_matches_seed000_size() -> None:
     model = build_model()
-    # seed 000 Sec. 3.1: Nu=6, NCG=6, a U-Net of 481,092 weights; ours 481,090 + lambda.
+    # Levac et al. 2023 Sec. 3.1: Nu=6, NCG=6, a U-Net of 481,092 weights; ours 481,090 + lambda.
     assert model.num_unrolls == 6 and model.cg_iters == 6  # type: ignore[attr-defined]
     assert abs(count_parameters(model) - 481_092) < 100
 

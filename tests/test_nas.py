@@ -162,7 +162,7 @@ def test_split_train_val_is_disjoint_and_seeded(site: SiteDataset) -> None:
 
 
 def test_milenas_gradients_are_mixed_level(site: SiteDataset) -> None:
-    """θ gets ∇θ L_tr only; α gets ∇α L_tr + λ ∇α L_val (seed 003 Eq. 6)."""
+    """θ gets ∇θ L_tr only; α gets ∇α L_tr + λ ∇α L_val (FedAutoMRI Eq. 6)."""
     model = _search_model()
     loss_fn = get_loss("ssim")
     tr, va = collate([site[0]]), collate([site[1]])
@@ -295,7 +295,7 @@ def test_derived_network_shapes_and_parameter_count() -> None:
     cell = 2 * (C * C + C) + 3 * _sep_params(C, 5) + 2 * _sep_params(C, 3) + _std_params(C, 7)
     stem_head = (2 * C * 9 + C) + (C * 2 * 9 + 2)
     assert count_parameters(den) == stem_head + 2 * cell
-    # seed 001 Table III: 0.0487M weights at C = 16 with 3 cells (+1 for MoDL's lam)
+    # GAutoMRI Table III: 0.0487M weights at C = 16 with 3 cells (+1 for MoDL's lam)
     assert count_parameters(build_from_genotype(PUBLISHED)) == 48_690
     model = MoDL(den, num_unrolls=2, cg_iters=2)
     assert not any("alpha" in k for k in model.state_dict())
@@ -339,7 +339,7 @@ def test_conv_macs_hand_computed() -> None:
 def test_published_genotype_cost_matches_seed_001() -> None:
     den = build_from_genotype(PUBLISHED)
     cost = denoiser_cost(den, 64)
-    # MACs scale with H * W ("same" padding): 256^2 = 16 x 64^2. Seed 001 Table IV lists
+    # MACs scale with H * W ("same" padding): 256^2 = 16 x 64^2. GAutoMRI Table IV lists
     # 15.7444 G for the searched model: the MACs of 5 denoiser calls on a 256 x 256 image.
     assert cost["macs"] * 16 * 5 == 15_744_368_640
     unet = unrolled_cost(MoDL(build_denoiser("unet"), num_unrolls=5, cg_iters=1), 64)

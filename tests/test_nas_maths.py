@@ -1,4 +1,4 @@
-"""Federated NAS maths against hand computations (seed 001 Eq. 8-11, seed 003 Eq. 7)."""
+"""Federated NAS maths against hand computations (GAutoMRI Eq. 8-11, FedAutoMRI Eq. 7)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_risk_gap() -> None:
         risk_gap(float("nan"), 0.1)
 
 
-# ---------------------------------------------------------------- client EMA (seed 003 Eq. 7)
+# ---------------------------------------------------------------- client EMA (FedAutoMRI Eq. 7)
 
 
 def _w(v: float) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """A site's slices as a torch ``Dataset`` of :class:`~recon.data.sample.Sample`.
 
-Per slice, following seed 000, Sec. 3.1:
+Per slice, following Levac et al. 2023, Sec. 3.1:
 
 0. optional image-domain centre crop (``crop=(H, W)``): the fully sampled k-space becomes
    ``F(crop(F^-1 k))``, e.g. fastMRI's 2x readout oversampling (640x368 k-space) removed for its
@@ -147,7 +147,7 @@ def split_files(files: Sequence[Path], split: str) -> list[Path]:
 def acs_rss_max(kspace: np.ndarray, acs_frac: float = 0.08) -> float:
     """Max of the RSS image from the central ``acs_frac * W`` phase-encode lines of ``[C, H, W]``.
 
-    The normalisation of seed 000, Sec. 3.1: divide k-space by this value.
+    The normalisation of Levac et al. 2023, Sec. 3.1: divide k-space by this value.
     """
     low = np.zeros_like(kspace)
     acs = acs_slice(kspace.shape[-1], acs_frac)

@@ -219,7 +219,7 @@ def prepare_site(
     site_dir : path-like
         ``site_dir/{train,val,test}/*.h5`` (or ``site_dir/*.h5``).
     method : {'espirit', 'jsense'}
-        Map estimator (ESPIRiT as in seed 000, Sec. 3.1).
+        Map estimator (ESPIRiT as in Levac et al. 2023, Sec. 3.1).
     calib : int, optional
         Calibration box width (default: 24, smaller for small matrices).
     force : bool

@@ -1,6 +1,6 @@
 """Synthetic multi-site, multi-coil MRI data in the fastMRI layout (the project's default data).
 
-Each site mimics one row of the client table of seed 000 (Table 1: anatomy x contrast x field
+Each site mimics one row of the client table of Levac et al. 2023 (Table 1: anatomy x contrast x field
 strength) with its own scanner: coil count and geometry, noise level, matrix size, intensity
 jitter, B1 bias and raw-data gain. Slices come from anatomical phantoms with smooth random
 deformations and textures:
@@ -120,7 +120,7 @@ class SitePreset:
         Raw-data scale of the written k-space (normalisation removes it).
     readout : {'vertical', 'horizontal'}
         ``'horizontal'`` stores k-space transposed (readout along ``W``), like the Stanford
-        abdomen data of seed 000; read it with ``SiteDataset(rotate=True)``.
+        abdomen data of Levac et al. 2023; read it with ``SiteDataset(rotate=True)``.
     """
 
     name: str
@@ -148,7 +148,7 @@ class SitePreset:
 
 
 def site_presets() -> list[SitePreset]:
-    """The 12 site distributions of seed 000, Table 1 (knee PD/PDFS, brain T1/T1POST/T2/FLAIR at
+    """The 12 site distributions of Levac et al. 2023, Table 1 (knee PD/PDFS, brain T1/T1POST/T2/FLAIR at
     1.5T and 3T), ordered so that any first ``n`` sites are as different as possible.
 
     ``generate_sites(n_sites=4)`` uses the first four: brain T1 3T 8 coils, knee PD 1.5T 4 coils,
@@ -744,7 +744,7 @@ def generate_sites(
     Parameters
     ----------
     n_sites : int
-        Number of sites; non-IID sites cycle through :func:`site_presets` (Table 1 of seed 000).
+        Number of sites; non-IID sites cycle through :func:`site_presets` (Table 1 of Levac et al. 2023).
     n_slices : int
         Slices per site over all splits (volumes of ``slices_per_volume`` slices, split 70/15/15
         by volume).

@@ -11,7 +11,8 @@ from recon.models.unrolled import MoDL, Unrolled, UnrolledPGD
 
 
 class ModelConfig(BaseModel):
-    """Architecture hyper-parameters (defaults: seed 000 Sec. 3.1, MoDL Nu=6, NCG=6, U-Net 481k)."""
+    """Architecture hyper-parameters (defaults: Levac et al. 2023 Sec. 3.1, MoDL Nu=6, NCG=6, U-Net
+    481k)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -27,12 +28,13 @@ class ModelConfig(BaseModel):
     resnet_layers: int = Field(5, ge=2)
     pgd_step_init: float = Field(0.5, gt=0)
     # denoiser="nas": a genotype file gives the derived network (its channels/cells win);
-    # without one, the DARTS search network (seed 001 Fig. 2) with softmax-weighted MixedOps.
+    # without one, the DARTS search network (GAutoMRI Fig. 2) with softmax-weighted MixedOps.
     nas_genotype: str | None = None
     nas_channels: int = Field(16, ge=1)
     nas_cells: int = Field(3, ge=1)
     nas_nodes: int = Field(3, ge=1)
-    # denoiser="convex": two-layer conv-ReLU-1x1 blocks with skips (seed 002), trainable layer-wise.
+    # denoiser="convex": two-layer conv-ReLU-1x1 blocks with skips (Ozturkler et al., ISMRM 2021),
+    # trainable layer-wise.
     convex_blocks: int = Field(4, ge=1)
     convex_hidden: int = Field(64, ge=1)
     convex_kernel: int = Field(7, ge=1)

@@ -1,13 +1,15 @@
-"""Convex-trainable denoiser: a stack of two-layer blocks (seed 002, after Sahiner et al. [8]).
+"""Convex-trainable denoiser: a stack of two-layer blocks (Ozturkler et al. 2021, after Sahiner et
+al. [8]).
 
-Each block is the two-layer fully-convolutional network of seed 002,
+Each block is the two-layer fully-convolutional network of Ozturkler et al. 2021,
 ``x_{i+1} = f_i((g_i(x_i))_+) + x_i``: a ``k x k`` convolution ``g_i``, a ReLU, a ``1 x 1``
 convolution ``f_i`` and a skip. With the earlier blocks frozen, fitting block ``i`` is the
 two-layer problem that [8] shows to be convex, so the stack is trained one block at a time
 (:func:`recon.train.layerwise.train_layerwise`).
 
 Design choice: every block maps the 2-channel image to a 2-channel image, so the skip is the
-image itself and a partially trained stack is already a denoiser. Seed 002 drops ``f_i`` after
+image itself and a partially trained stack is already a denoiser. Ozturkler et al. 2021 drops
+``f_i`` after
 block ``i`` is trained and feeds the hidden features on; we keep ``f_i``, which makes each stage a
 standalone two-layer net on a fixed input (the setting of [8]) and lets the stack sit inside MoDL
 unchanged. ``f_i`` starts at zero, so an untrained block is the identity and a stack whose first
@@ -23,7 +25,8 @@ from recon.models.denoisers import ComplexDenoiser
 
 
 class ConvexBlock(nn.Module):
-    """Two-layer block ``x + f((g x)_+)`` (seed 002): ``k x k`` conv, ReLU, ``1 x 1`` conv, skip."""
+    """Two-layer block ``x + f((g x)_+)`` (Ozturkler et al., ISMRM 2021): ``k x k`` conv, ReLU, ``1
+    x 1`` conv, skip."""
 
     def __init__(self, chans: int = 2, hidden: int = 64, kernel_size: int = 7):
         super().__init__()
@@ -60,7 +63,8 @@ def build_convex_denoiser(
 ) -> ComplexDenoiser:
     """A :class:`ConvexNet` wrapped for complex images, ready to be MoDL's / PGD's denoiser.
 
-    Seed 002 uses 7x7 kernels and 256 hidden channels over 5 layers; the default width is smaller
+    Ozturkler et al. 2021 uses 7x7 kernels and 256 hidden channels over 5 layers; the default width
+    is smaller
     to suit CPU sites. The net carries its own skips, so the wrapper is not residual.
     """
     return ComplexDenoiser(ConvexNet(num_blocks, hidden, kernel_size), residual=False)

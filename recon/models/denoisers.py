@@ -58,7 +58,7 @@ class UNet(nn.Module):
     """U-Net (fastMRI layout) on 2-channel images.
 
     The defaults (``chans=16``, ``num_pools=3``) give 481,090 weights, the size of the MoDL
-    denoiser of seed 000 Sec. 3.1 (481,092). Inputs of any size work: they are padded to a
+    denoiser of Levac et al. 2023 Sec. 3.1 (481,092). Inputs of any size work: they are padded to a
     multiple of ``2**num_pools`` and cropped back.
     """
 
@@ -98,7 +98,7 @@ class UNet(nn.Module):
 
 
 class ResNet5(nn.Module):
-    """Residual CNN: 5 conv layers with ReLU, one skip, no normalisation (seed 004 Sec. V, MoDL)."""
+    """Residual CNN: 5 conv layers with ReLU, one skip, no normalisation (GLEAM Sec. V, MoDL)."""
 
     def __init__(self, in_chans: int = 2, features: int = 64, num_layers: int = 5):
         super().__init__()

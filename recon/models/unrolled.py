@@ -1,10 +1,11 @@
-"""Unrolled reconstruction networks: MoDL (seed 000 Eq. 5-8) and unrolled PGD (seed 004 Eq. 3-5).
+"""Unrolled reconstruction networks: MoDL (Levac et al. 2023 Eq. 5-8) and unrolled PGD (GLEAM Eq.
+3-5).
 
 Both are called as ``model(y, physics)``: the measurements ``y`` ``[B, C, H, W]`` and the operator
 ``physics`` (a :class:`~recon.physics.sense.SenseOp`) are arguments, so masks and coil maps never
 enter ``state_dict()``. Both expose ``step(i, x, y, physics)`` (one unroll), which the greedy
 GLEAM trainer drives module by module, and accept ``num_unrolls`` at call time for early-exit
-inference (seed 004 Sec. VII: run only the first ``N_inf`` unrolls).
+inference (GLEAM Sec. VII: run only the first ``N_inf`` unrolls).
 """
 
 from __future__ import annotations
@@ -54,19 +55,20 @@ class Unrolled(nn.Module):
 
 
 class MoDL(Unrolled):
-    """MoDL: alternate the learned denoiser and CG data consistency (seed 000 Eq. 6-8).
+    """MoDL: alternate the learned denoiser and CG data consistency (Levac et al. 2023 Eq. 6-8).
 
     Each unroll computes ``z = D(x)`` then ``x = (A^H A + lam I)^{-1} (A^H y + lam z)`` with
     ``cg_iters`` CG steps, so the output is data-consistent (the ordering of Aggarwal et al. and of
-    seed 004 Eq. 7-8). ``lam`` is learned (stored as ``log_lam`` to stay positive).
+    GLEAM Eq. 7-8). ``lam`` is learned (stored as ``log_lam`` to stay positive).
 
     Parameters
     ----------
     denoiser : ComplexDenoiser or list of them
-        One shared denoiser (seed 000: a single U-Net reused by every unroll) or one per unroll
+        One shared denoiser (Levac et al. 2023: a single U-Net reused by every unroll) or one per
+        unroll
         (``shared=False`` in :func:`build_model`, as GLEAM's per-module weights).
     num_unrolls, cg_iters : int
-        ``Nu`` and ``NCG`` (seed 000 defaults: 6 and 6).
+        ``Nu`` and ``NCG`` (Levac et al. 2023 defaults: 6 and 6).
     lam_init : float
         Initial data-consistency weight ``lam``.
     """
@@ -118,7 +120,7 @@ class MoDL(Unrolled):
 
 
 class UnrolledPGD(Unrolled):
-    """Unrolled proximal gradient descent (seed 004 Eq. 3-5), one denoiser per iteration.
+    """Unrolled proximal gradient descent (GLEAM Eq. 3-5), one denoiser per iteration.
 
     ``x+ = x - 2 t_i A^H (A x - y)`` (Eq. 3), then ``x = f_theta_i(x+)`` (Eq. 5); the step sizes
     ``t_i`` are learned (stored as ``log_step``).

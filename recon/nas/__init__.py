@@ -1,4 +1,4 @@
-"""Federated architecture search of the MoDL denoiser (seed 001 GAutoMRI, seed 003 FedAutoMRI).
+"""Federated architecture search of the MoDL denoiser (GAutoMRI, FedAutoMRI).
 
 - :mod:`recon.nas.ops`: the 8 candidate operations and ``MixedOp`` (Eq. 6).
 - :mod:`recon.nas.cell`: DARTS-style cells, ``SearchDenoiser`` (θ and α kept apart) and the

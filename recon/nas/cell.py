@@ -1,11 +1,11 @@
-"""DARTS-style cells and the denoisers built by stacking them (seed 001 Fig. 2, seed 003 Fig. 1).
+"""DARTS-style cells and the denoisers built by stacking them (GAutoMRI Fig. 2, FedAutoMRI Fig. 1).
 
 A cell has two inputs, the outputs of the two previous cells ``c_{k-2}`` and ``c_{k-1}`` (the
 stem output for the first cell), each passed through a ``1 x 1`` conv + ReLU, and ``num_nodes``
-intermediate nodes (3 in seed 003: "only three nodes in the cell"). Node ``i`` sums one edge from
+intermediate nodes (3 in FedAutoMRI: "only three nodes in the cell"). Node ``i`` sums one edge from
 every earlier state: the two inputs and nodes ``0 .. i-1``. The cell output is the sum of the
 intermediate nodes, so every cell keeps ``C`` channels (as in the authors' public code; with
-``C = 16``, 3 cells and the published genotype this gives seed 001's 0.0487M weights).
+``C = 16``, 3 cells and the published genotype this gives GAutoMRI's 0.0487M weights).
 
 State indices used by edges and genotypes: ``0`` = ``c_{k-2}``, ``1`` = ``c_{k-1}``,
 ``2 + i`` = intermediate node ``i``.
@@ -129,11 +129,11 @@ class SearchDenoiser(_CellStack):
     Parameters
     ----------
     channels : int
-        Feature maps ``C`` inside the cells (seed 001: 16).
+        Feature maps ``C`` inside the cells (GAutoMRI: 16).
     num_cells : int
         Stacked cells (3 for 0.0487M weights at ``C = 16``).
     num_nodes : int
-        Intermediate nodes per cell (seed 003: 3).
+        Intermediate nodes per cell (FedAutoMRI: 3).
     in_chans : int
         2 (real, imaginary).
     alpha_init_std : float

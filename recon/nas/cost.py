@@ -1,6 +1,6 @@
 """Model size and compute: weights and convolution multiply-accumulates (MACs).
 
-Seed 001 Table IV / seed 003 Table 2 report "FLOPs" as counted by the usual profilers (thop),
+GAutoMRI Table IV / FedAutoMRI Table 2 report "FLOPs" as counted by the usual profilers (thop),
 which count one multiply-accumulate per kernel tap; we report the same MACs (FLOPs ~ 2 x MACs).
 Only convolutions are counted (they are >99% of the work); for an unrolled model the denoiser
 runs once per unroll and the CG data consistency (FFTs) is not counted.

@@ -1,8 +1,8 @@
-"""Architecture derivation: α -> readable genotype -> discrete denoiser (seed 003 Sec. 2.2).
+"""Architecture derivation: α -> readable genotype -> discrete denoiser (FedAutoMRI Sec. 2.2).
 
 "After the model architecture search, the operations with the top two weights are selected ...
-for each pair of nodes" (seed 003). We read this as DARTS' rule, which the authors' public code
-implements (``parse(alpha, k=2)``) and whose published genotype reproduces seed 001's 0.0487M
+for each pair of nodes" (FedAutoMRI). We read this as DARTS' rule, which the authors' public code
+implements (``parse(alpha, k=2)``) and whose published genotype reproduces GAutoMRI's 0.0487M
 weights: for every intermediate node, each incoming edge is scored by its strongest operation
 (softmax of α over operations, Eq. 6) and the 2 best-scoring edges are kept, each with that
 operation. Unlike the public code, all 8 candidates are eligible (it drops the last primitive,
@@ -139,7 +139,7 @@ def derive_genotype(
     alpha : dict ``{"node<i>": [2 + i, 8]}`` (``alpha_state()``) or list of such arrays
         Architecture weights (logits); edges are ranked by ``max softmax(α_edge)``.
     k : int
-        Edges kept per node (seed 003: 2; a node with fewer inputs keeps all of them).
+        Edges kept per node (FedAutoMRI: 2; a node with fewer inputs keeps all of them).
     channels, num_cells : int
         Stored in the genotype for :func:`build_from_genotype`.
 
@@ -191,7 +191,7 @@ def build_from_genotype(
 
 
 # The genotype published with the authors' code (GAutoMRI ``darts/genotypes.py``, "FedNAS_V1").
-# With C = 16 and 3 cells its denoiser has 48,690 weights: seed 001 Table III's 0.0487M.
+# With C = 16 and 3 cells its denoiser has 48,690 weights: GAutoMRI Table III's 0.0487M.
 PUBLISHED = Genotype(
     (
         (("sep_conv_5x5", 0), ("sep_conv_3x3", 1)),

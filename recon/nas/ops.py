@@ -1,6 +1,6 @@
 """Candidate operations of the search space and the mixed operation.
 
-The 8 candidates of seed 001 Sec. III.B.2 (seed 003 Sec. 2.2): standard convolutions 3x3/5x5/7x7,
+The 8 candidates of GAutoMRI Sec. III.B.2 (FedAutoMRI Sec. 2.2): standard convolutions 3x3/5x5/7x7,
 depthwise separable convolutions 3x3/5x5/7x7 and dilated 3x3 convolutions (dilation 2 and 3).
 Every candidate maps ``[B, C, H, W]`` to ``[B, C, H, W]`` (stride 1, "same" zero padding).
 
@@ -84,7 +84,7 @@ def make_op(name: str, channels: int) -> nn.Module:
 
 
 class MixedOp(nn.Module):
-    r"""Continuous relaxation of one edge (seed 001 Eq. 6, seed 003 Eq. 5).
+    r"""Continuous relaxation of one edge (GAutoMRI Eq. 6, FedAutoMRI Eq. 5).
 
     :math:`\bar\phi^{(i,j)}(x) = \sum_o \mathrm{softmax}(\alpha^{(i,j)})_o\, \phi_o(x)`, with
     one instance of every candidate in :data:`PRIMITIVES` order. The softmax is taken by the

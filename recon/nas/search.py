@@ -1,4 +1,4 @@
-"""MiLeNAS mixed-level search at one site (seed 003 Eq. 6, seed 001 Eq. 7 / Algorithm 1).
+"""MiLeNAS mixed-level search at one site (FedAutoMRI Eq. 6, GAutoMRI Eq. 7 / Algorithm 1).
 
 Each local step, at the current ``(θ, α)``::
 
@@ -8,8 +8,8 @@ Each local step, at the current ``(θ, α)``::
 (first order: no unrolled second-order term, unlike DARTS). The site splits its slices into a
 train and a val part (:func:`split_train_val`). Losses are the trainer's
 (:func:`recon.train.losses.get_loss`), batches come from
-:func:`recon.train.trainer.iterate_batches`. Seed 001 Sec. IV.A.3: Adam 1e-3 for θ; Adam for α
-(1e-4 in seed 001, 3e-3 in seed 003) with weight decay 1e-3.
+:func:`recon.train.trainer.iterate_batches`. GAutoMRI Sec. IV.A.3: Adam 1e-3 for θ; Adam for α
+(1e-4 in GAutoMRI, 3e-3 in FedAutoMRI) with weight decay 1e-3.
 
 The model is any unrolled network (``model(y, physics)``) whose denoiser contains one
 :class:`~recon.nas.cell.SearchDenoiser`; θ is every registered parameter (the denoiser weights
@@ -225,7 +225,7 @@ def milenas_train(
     lr_w, lr_alpha : float
         Learning rates ``η_θ`` and ``η_α``.
     lam : float
-        ``λ`` (seed 001) / ``β`` (seed 003): weight of the validation loss in α's update.
+        ``λ`` (GAutoMRI) / ``β`` (FedAutoMRI): weight of the validation loss in α's update.
     alpha_weight_decay : float
         Adam weight decay on α (papers: 1e-3).
     grad_clip : float, optional
@@ -275,7 +275,7 @@ def empirical_risk(
     loss: str = "ssim",
     device: torch.device | str = "cpu",
 ) -> float:
-    """Mean per-slice loss of ``model`` on ``dataset``: ``ℓ_{D_c}`` of seed 001 Eq. 9.
+    """Mean per-slice loss of ``model`` on ``dataset``: ``ℓ_{D_c}`` of GAutoMRI Eq. 9.
 
     A client reports ``G_c = risk(global) - risk(its previous local model)``
     (:func:`strategies.nas_maths.risk_gap`); training mode is restored afterwards.

@@ -1,4 +1,4 @@
-"""Batched, differentiable conjugate gradient for MoDL's data consistency (seed 000 Eq. 8).
+"""Batched, differentiable conjugate gradient for MoDL's data consistency (Levac et al. 2023 Eq. 8).
 
 Solves ``(A^H A + lam I) x = b`` per batch item. Gradients flow through the iterations by plain
 autograd (the unrolled CG is part of the network, as in MoDL), so ``lam`` can be learned.
@@ -34,7 +34,7 @@ def conjugate_gradient(
     x0 : tensor, optional
         Initial guess (defaults to zeros).
     max_iter : int
-        Iteration cap (MoDL's ``NCG``; seed 000 uses 6).
+        Iteration cap (MoDL's ``NCG``; Levac et al. 2023 uses 6).
     tol : float
         Stop early once every item's relative residual ``|r| / |b|`` is below ``tol``
         (0 runs exactly ``max_iter`` iterations, which keeps the unrolled graph fixed).

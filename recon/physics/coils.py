@@ -1,6 +1,7 @@
 """Coil sensitivity maps ``S`` from the calibration (centre) region of k-space, with SigPy.
 
-The paper estimates maps with ESPIRiT (seed 000, Sec. 3.1, its ref. [46]; Uecker et al., MRM
+The paper estimates maps with ESPIRiT (Levac et al. 2023, Sec. 3.1, its ref. [46]; Uecker et al.,
+MRM
 2014). Both estimators here look only at a central ``calib_width`` box of k-space: on fully
 sampled training data that is the ACS region. Also numpy twins of the centered FFT / RSS for the
 data pipeline (same convention as :mod:`recon.physics.fft` and ``sigpy.fft``).

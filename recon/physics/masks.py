@@ -1,7 +1,7 @@
 """Undersampling masks ``P`` for multi-coil k-space ``[C, H, W]`` (``W`` = phase encode).
 
 All masks are float32 numpy arrays ``[H, W]`` of 0/1, deterministic for a seed. The default is
-the paper's pattern (seed 000, Sec. 3.1): R = 4, random phase-encode lines with a fully
+the paper's pattern (Levac et al. 2023, Sec. 3.1): R = 4, random phase-encode lines with a fully
 sampled centre of 8% of the lines. Seed the mask of a slice with :func:`slice_seed` so that the
 slice keeps its mask across epochs and federated rounds.
 """
@@ -56,7 +56,7 @@ def _lines_to_mask(h: int, cols: np.ndarray) -> np.ndarray:
 def random_1d_mask(
     shape: Sequence[int], accel: float = 4, acs_frac: float = 0.08, seed: int = 0
 ) -> np.ndarray:
-    """Random phase-encode lines with a fully sampled centre (seed 000, Sec. 3.1).
+    """Random phase-encode lines with a fully sampled centre (Levac et al. 2023, Sec. 3.1).
 
     ``round(W / accel)`` lines in total: the ``round(acs_frac * W)`` central ones plus lines drawn
     uniformly without replacement from the rest.

@@ -1,4 +1,4 @@
-"""Multi-coil Cartesian SENSE operator ``A = P F S`` (seed 000 Eq. 2-3).
+"""Multi-coil Cartesian SENSE operator ``A = P F S`` (Levac et al. 2023 Eq. 2-3).
 
 ``S`` multiplies the image by each coil's sensitivity, ``F`` is the centered orthonormal FFT,
 ``P`` keeps the sampled k-space locations. The operator is *data*: built per batch from the
@@ -92,7 +92,7 @@ class SenseOp(LinearOp):
         return self.maps * x.unsqueeze(-3)
 
     def rss(self, x: torch.Tensor) -> torch.Tensor:
-        """RSS magnitude of ``S x`` (seed 000 Eq. 9's RSS(x)), ``[B, H, W]`` real.
+        """RSS magnitude of ``S x`` (Levac et al. 2023 Eq. 9's RSS(x)), ``[B, H, W]`` real.
 
         Where the maps vanish (outside the ESPIRiT support) the sum is 0 and sqrt has an
         infinite derivative; the sum is floored at ``RSS_EPS`` so training gradients stay finite

@@ -1,4 +1,4 @@
-"""Gradient checkpointing of the end-to-end network, one checkpoint per unroll (seed 004 Sec. V-B3,
+"""Gradient checkpointing of the end-to-end network, one checkpoint per unroll (GLEAM Sec. V-B3,
 ``N_cp = N``): the baseline GLEAM is compared against.
 
 Only each unroll's input is kept during the forward pass; the unroll's activations are recomputed

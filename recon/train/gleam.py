@@ -1,4 +1,4 @@
-"""GLEAM greedy training of unrolled networks (seed 004 Alg. 1) and its multi-device form P-GLEAM
+"""GLEAM greedy training of unrolled networks (GLEAM Alg. 1) and its multi-device form P-GLEAM
 (Alg. 2).
 
 The ``N`` unrolls are split into ``M`` modules of ``N / M`` unrolls. Module ``m`` has its own Adam
@@ -16,7 +16,7 @@ GLEAM itself is the ``D = 1`` case.
 
 Data-consistency parameters (MoDL's ``lam``, PGD's step sizes ``t_i``) are *frozen* during
 greedy training: they are shared by all modules, so updating them from every module's local loss
-would couple the modules and break the GLEAM == P-GLEAM equivalence. Seed 004 likewise keeps
+would couple the modules and break the GLEAM == P-GLEAM equivalence. GLEAM likewise keeps
 ``mu`` (Eq. 7) and ``t`` (Eq. 3) as fixed hyper-parameters. Only the denoisers are learned, which
 needs one denoiser per unroll: a shared-weight MoDL (``ModelConfig(shared=True)``) is refused for
 ``M > 1``.
@@ -110,7 +110,7 @@ def train_gleam(
     losses: str | Sequence[str] | None = None,
     desc: str = "gleam",
 ) -> GleamResult:
-    """Greedy module-wise training, seed 004 Alg. 1 (one device) / Alg. 2 (``devices``).
+    """Greedy module-wise training, GLEAM Alg. 1 (one device) / Alg. 2 (``devices``).
 
     Parameters
     ----------

@@ -1,13 +1,15 @@
-"""Convex layer-wise training of the denoiser (seed 002): one two-layer block at a time.
+"""Convex layer-wise training of the denoiser (Ozturkler et al., ISMRM 2021): one two-layer block
+at a time.
 
 Stage ``b`` fits the first ``b + 1`` blocks' output to the reference with an ``l2`` loss; blocks
 ``< b`` are frozen (run without a graph) and later blocks are not used, so each stage is the
-two-layer problem of seed 002 / [8] on a fixed input and needs the memory of one block.
+two-layer problem of Ozturkler et al. 2021 / [8] on a fixed input and needs the memory of one block.
 
 The denoiser's input is what it sees inside the unrolled network:
 
 * a shared denoiser (MoDL ``shared=True``) learns from the zero-filled SENSE image
-  ``x0 = A^H y`` (seed 002: "the inputs to the network are zero-filled images obtained with SENSE");
+  ``x0 = A^H y`` (Ozturkler et al. 2021: "the inputs to the network are zero-filled images obtained
+  with SENSE");
 * with one denoiser per unroll, denoiser ``k`` learns from the input it receives at unroll ``k``
   of the current network (earlier unrolls already trained, run without a graph), i.e. the
   greedy schedule of GLEAM with blocks as modules.
@@ -100,7 +102,7 @@ def train_layerwise(
     steps_per_block: int | None = None,
     desc: str = "layerwise",
 ) -> LayerwiseResult:
-    """Train the convex denoiser(s) of ``model`` block by block (seed 002, Fig. 1).
+    """Train the convex denoiser(s) of ``model`` block by block (Ozturkler et al. 2021, Fig. 1).
 
     Parameters
     ----------
@@ -110,7 +112,8 @@ def train_layerwise(
         ``steps`` (or ``epochs``) is the total budget, split evenly over the stages;
         ``lr``, ``batch_size``, ``seed``, ``grad_clip``, ``weight_decay`` apply to every stage.
     loss : str, optional
-        Stage loss on the denoiser output, any name of :func:`get_loss`. Default: seed 002's
+        Stage loss on the denoiser output, any name of :func:`get_loss`. Default: Ozturkler et al.
+        2021's
         ``l2``, against the complex reference ``Sample.image`` when the data carry it, else
         between RSS magnitudes (sites prepared from raw k-space have only the RSS target).
     steps_per_block : int, optional
@@ -166,7 +169,8 @@ def train_layerwise(
 
 
 def _default_l2(x: torch.Tensor, sample: Sample, physics: SenseOp) -> torch.Tensor:
-    """Seed 002's l2: complex MSE to ``Sample.image`` if present, else MSE of RSS magnitudes."""
+    """Ozturkler et al. 2021's l2: complex MSE to ``Sample.image`` if present, else MSE of RSS
+    magnitudes."""
     if sample.image is not None:
         return l2_loss(x, sample, physics)
     return ((physics.rss(x) - sample.target) ** 2).mean()

@@ -1,4 +1,4 @@
-"""Training losses. The default is seed 000 Eq. 9: ``-SSIM(RSS(x_Nu), RSS(x))``."""
+"""Training losses. The default is Levac et al. 2023 Eq. 9: ``-SSIM(RSS(x_Nu), RSS(x))``."""
 
 from __future__ import annotations
 

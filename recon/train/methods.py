@@ -1,7 +1,9 @@
 """One entry point for a site's local training, whatever the method (run config ``train.method``).
 
-``e2e`` (seed 000, Eq. 9), ``checkpoint`` (end-to-end with one checkpoint per unroll, seed 004),
-``gleam`` (greedy modules, seed 004 Alg. 1 / 2) and ``layerwise`` (convex blocks, seed 002) share
+``e2e`` (Levac et al. 2023, Eq. 9), ``checkpoint`` (end-to-end with one checkpoint per unroll,
+GLEAM),
+``gleam`` (greedy modules, GLEAM Alg. 1 / 2) and ``layerwise`` (convex blocks, Ozturkler et al.
+2021) share
 the signature of :func:`recon.train.trainer.train` and the same :class:`TrainHooks`, so FedProx
 and Scaffold work with each of them; a site with a small GPU can pick a memory-efficient method
 and still join a federation of the same architecture.

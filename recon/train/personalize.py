@@ -1,4 +1,5 @@
-"""Client-side personalization: fine-tuning with k-fold CV hyper-parameters (seed 000 Sec. 3.4).
+"""Client-side personalization: fine-tuning with k-fold CV hyper-parameters (Levac et al. 2023 Sec.
+3.4).
 
 After federated training, a site fine-tunes the global model on its own slices with the training
 SSIM loss (Eq. 9). The two hyper-parameters, the learning rate ``r_fine`` and the number of
@@ -13,7 +14,8 @@ epochs ``N_fine``, are chosen by k-fold cross-validation on the site's own train
   (``r_fine``, ``N_fine``) with the highest mean validation SSIM wins;
 * low-data guard: if the best pair does not beat the un-tuned global model (epoch 0) by
   ``min_gain`` (default 0.005 SSIM), fine-tuning is judged not to help and the global model is
-  kept (seed 000 saw this for well-represented sites; on the synthetic sites a CV gain of 0.0035
+  kept (Levac et al. 2023 saw this for well-represented sites; on the synthetic sites a CV gain of
+  0.0035
   turned into a small test loss, hence a margin above 0);
 * otherwise the global model is fine-tuned on all local training slices with the chosen values.
 

@@ -1,4 +1,5 @@
-"""End-to-end training and evaluation of unrolled networks (seed 000 Sec. 3.1: Adam, batch 1).
+"""End-to-end training and evaluation of unrolled networks (Levac et al. 2023 Sec. 3.1: Adam, batch
+1).
 
 The same loop serves centralized, single-site and federated training: federated clients pass
 :class:`TrainHooks` (FedProx's proximal term, Scaffold's gradient correction) instead of copying
@@ -197,7 +198,7 @@ def evaluate(
     """Mean SSIM / NRMSE / PSNR on RSS magnitude over ``dataset``, slice by slice.
 
     ``model=None`` evaluates the zero-filled reconstruction. ``num_unrolls`` runs early-exit
-    inference (``N_inf``); ``per_unroll`` adds the PSNR after every unroll (seed 004 Fig. 9).
+    inference (``N_inf``); ``per_unroll`` adds the PSNR after every unroll (GLEAM Fig. 9).
     Returns ``{"ssim", "nrmse", "psnr", "n", "per_slice": [...], "psnr_per_unroll": [...]}``.
     """
     if model is not None:
