@@ -91,9 +91,9 @@ def _summary(rows: list[dict[str, Any]], model_bytes: int, n_sites: int) -> dict
 
 
 def run_simulation(flat: dict[str, Any], out: Path) -> dict[str, Any]:
+    from fedunroll.simulate import build_config, ensure_sites, pin_run_dir
+    from fedunroll.simulate import run_simulation as simulate
     from server.results import read
-    from server.simulate import build_config, ensure_sites, pin_run_dir
-    from server.simulate import run_simulation as simulate
 
     cfg = pin_run_dir(build_config({**flat, "run.name": "bench-simulation"}, out=str(out)))
     ensure_sites(cfg)
@@ -113,10 +113,13 @@ def run_simulation(flat: dict[str, Any], out: Path) -> dict[str, Any]:
 def run_inprocess(flat: dict[str, Any], out: Path) -> dict[str, Any]:
     import torch
 
+    # The in-process grid is a test double (tests/inprocess.py), not part of the product.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from inprocess import InProcessGrid
+
     from client.app import app as client_app
+    from fedunroll.simulate import build_config, ensure_sites, pin_run_dir
     from server.app import run_federation
-    from server.inprocess import InProcessGrid
-    from server.simulate import build_config, ensure_sites, pin_run_dir
 
     torch.set_num_threads(1)
     cfg = pin_run_dir(build_config({**flat, "run.name": "bench-inprocess"}, out=str(out)))
@@ -135,7 +138,7 @@ def run_inprocess(flat: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recon.overrides import parse_sets
+    from fedunroll.overrides import parse_sets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federation.json"))

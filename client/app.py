@@ -1,7 +1,7 @@
 """The hospital side: a Flower ClientApp that trains and evaluates the global model locally.
 
 Only model arrays, Scaffold's Delta c_k and scalar metrics leave the site (records named in
-:mod:`strategies.records`); k-space, images and coil maps never enter a reply. A site whose data
+:mod:`strategies.protocol`); k-space, images and coil maps never enter a reply. A site whose data
 are bad replies with an error naming the file and field; the federation goes on without it.
 
 Train message -> reply (Levac et al. 2023 Sec. 3.3, Algorithm 1):
@@ -31,35 +31,34 @@ from flwr.clientapp import ClientApp
 from client import nas
 from client.control import forget_run, load_control, save_control
 from client.site import Site, error_reply, load_split, resolve_site, site_label, split_key
+from recon.config import RunConfig, parse_run_config
 from recon.data.sample import collate
 from recon.models import Unrolled
 from recon.physics.sense import SenseOp
 from recon.runtime import tune_malloc
 from recon.train import TrainHooks, evaluate, get_loss
 from recon.train.methods import local_train
-from server.config import (
-    MSG_EVAL_SPLIT,
-    MSG_RUN_DONE,
-    MSG_RUN_UID,
-    RunConfig,
-    parse_run_config,
-)
 from strategies import maths
-from strategies.flower import to_numpy, to_record
-from strategies.nas import FAIR_REPORT
-from strategies.records import (
+from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    EVAL_SPLIT,
+    FAIR_LOCAL_LOSS,
+    FAIR_REPORT,
     FAIR_RISK_GAP,
     FEDPROX_MU,
     METRICS,
     NAS_ALPHA,
     NUM_EXAMPLES,
+    RUN_DONE,
+    RUN_UID,
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
     SCAFFOLD_OPTION,
     SERVER_ROUND,
     SITE_ID,
+    to_numpy,
+    to_record,
 )
 
 app = ClientApp()
@@ -179,7 +178,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
     t0 = time.perf_counter()
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     server_round = int(config.get(SERVER_ROUND, 1))  # type: ignore[arg-type]
-    run_uid = str(config.get(MSG_RUN_UID, "run"))
+    run_uid = str(config.get(RUN_UID, "run"))
     data = load_split(site, cfg, "train")
     seed = round_seed(cfg.train.seed, server_round, site.site_id)
     if NAS_ALPHA in msg.content.array_records:  # search phase (client/nas.py)
@@ -259,7 +258,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         extra[SCAFFOLD_C_DELTA] = to_record(c_delta)
 
     if config.get(FAIR_REPORT):  # this round's local loss: next round's reference
-        fair_metrics["fair.local-loss"] = nas.keep_local_risk(
+        fair_metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(
             context.state, run_uid, model, data, cfg
         )
     val = evaluate(model, load_split(site, cfg, "val"), site.device)
@@ -285,9 +284,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         site_name = site.site_id
         t0 = time.perf_counter()
         config = msg.content.config_records.get(CONFIG, ConfigRecord())
-        split = str(config.get(MSG_EVAL_SPLIT, "val"))
+        split = str(config.get(EVAL_SPLIT, "val"))
         if split not in ("val", "test"):
-            raise ValueError(f"config {MSG_EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
+            raise ValueError(f"config {EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
         data = load_split(site, cfg, split)
         model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
         if NAS_ALPHA in msg.content.array_records:  # search phase: the supernet with global α
@@ -302,8 +301,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             **_ZERO_FILLED[zf_key],
             "seconds": time.perf_counter() - t0,
         }
-        if config.get(MSG_RUN_DONE):
-            run_uid = str(config.get(MSG_RUN_UID, "run"))
+        if config.get(RUN_DONE):
+            run_uid = str(config.get(RUN_UID, "run"))
             forget_run(context.state, site.state_path, run_uid)
             nas.forget_nas_state(context.state, site.state_path, run_uid)
         return _reply(msg, site, metrics)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from strategies.flower import to_numpy, to_record
+from strategies.protocol import to_numpy, to_record
 
 STATE_ARRAYS = "scaffold.c-local"
 STATE_META = "scaffold.c-local-meta"

@@ -37,6 +37,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.control import RoundFiles
+from recon.config import RunConfig
 from recon.models import Unrolled, build_model
 from recon.models.unrolled import MoDL, UnrolledPGD
 from recon.nas import (
@@ -48,10 +49,8 @@ from recon.nas import (
     milenas_train,
     split_train_val,
 )
-from server.config import MSG_NAS_GENOTYPE, RunConfig
 from strategies import nas_maths
-from strategies.flower import to_numpy, to_record
-from strategies.records import ARRAYS, NAS_ALPHA, NUM_EXAMPLES
+from strategies.protocol import ARRAYS, NAS_ALPHA, NAS_GENOTYPE, NUM_EXAMPLES, to_numpy, to_record
 
 FAIR_STATE = "fair.prev-loss"
 EMA_ARRAYS = "ema.state"
@@ -61,10 +60,10 @@ EMA_META = "ema.meta"
 # --- models -----------------------------------------------------------------------------------
 def genotype_of(config: ConfigRecord) -> Genotype | None:
     """The genotype a training-phase message carries (``nas.genotype``), if any."""
-    text = config.get(MSG_NAS_GENOTYPE)
+    text = config.get(NAS_GENOTYPE)
     if not text:
         return None
-    return Genotype.from_dict(json.loads(str(text)), where=MSG_NAS_GENOTYPE)
+    return Genotype.from_dict(json.loads(str(text)), where=NAS_GENOTYPE)
 
 
 def build_site_model(cfg: RunConfig, config: ConfigRecord) -> Unrolled:

@@ -37,24 +37,29 @@ from flwr.common import log
 
 from client.nas import build_site_model, genotype_of
 from client.site import Site, error_reply, load_split, resolve_site, site_label
+from recon.config import RunConfig, parse_run_config
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
-from server.config import RunConfig, parse_run_config
-from strategies.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE_ID
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRIC_KEYS,
+    METRICS,
+    NUM_EXAMPLES,
+    P_FOLDS,
+    P_LRS,
+    P_MAX_EPOCHS,
+    P_MIN_GAIN,
+    P_PATIENCE,
+    PERSONALIZE,
+    SITE_ID,
+    SITE_QUERY,
+    UNSEEN,
+)
 
-# Message types and record keys of the phase (shared with server.personalize).
-PERSONALIZE = "train.personalize"
-SITE_QUERY = "query.site"
-UNSEEN = "unseen"  # config key of the site-query reply, and the deployment node-config key
-P_LRS = "personalize.lrs"
-P_MAX_EPOCHS = "personalize.max-epochs"
-P_FOLDS = "personalize.folds"
-P_PATIENCE = "personalize.patience"
-P_MIN_GAIN = "personalize.min-gain"
 MODEL_FILE = "personalized_model.pt"
 REPORT_FILE = "personalization.json"
 GENOTYPE_FILE = "personalized_genotype.json"  # NAS runs: the derived denoiser of the model
-METRIC_KEYS = ("ssim", "nrmse", "psnr")
 
 
 def is_unseen(node_config: dict[str, Any], cfg: RunConfig) -> bool:

@@ -20,9 +20,9 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from recon import runtime
+from recon.config import RunConfig
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
-from server.config import RunConfig
 
 # (site path, split, SiteDataset kwargs) -> dataset. Sites are small and a ClientApp process
 # serves one or a few sites for a whole run: never re-read h5 every round.

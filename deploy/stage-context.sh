@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DIR=${1:?usage: stage-context.sh DIR}
 mkdir -p "$DIR/deploy/tls" "$DIR/deploy/keys" "$DIR/deploy/wheelhouse"
 cp pyproject.toml README.md constraints.txt "$DIR/"
-for pkg in recon strategies server client; do
+for pkg in recon strategies server client fedunroll; do
     rsync -a --exclude __pycache__ --exclude '*.pyc' "$pkg/" "$DIR/$pkg/" 2>/dev/null ||
         { mkdir -p "$DIR/$pkg" && cp -a "$pkg/." "$DIR/$pkg/" && find "$DIR/$pkg" -name __pycache__ -prune -exec rm -rf {} +; }
 done

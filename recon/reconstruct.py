@@ -59,7 +59,7 @@ def reconstruct_file(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    from recon.commands import DataConfig
+    from fedunroll.jobs import DataConfig
 
     data = data or DataConfig()
     src = Path(path)

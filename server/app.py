@@ -24,16 +24,17 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from recon.config import RunConfig, parse_run_config
 from recon.models import count_parameters
 from recon.models.checkpoint import save_checkpoint
 from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
 from server import nas as nas_phase
-from server.config import RunConfig, parse_run_config
 from server.federation import Federation, Progress
 from server.personalize import TrainingGrid, personalization_phase
-from strategies.flower import build_strategy, to_record
+from strategies.flower import build_strategy
+from strategies.protocol import to_record
 
 app = ServerApp()
 tune_malloc()  # the ServerApp process evaluates and aggregates

@@ -25,11 +25,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from recon.config import RunConfig
 from server import checkpoint
-from server.config import MSG_EVAL_SPLIT, MSG_RUN_DONE, MSG_RUN_UID, RunConfig
 from server.results import eval_entry, metric_triplet, train_entry
-from strategies.flower import NotEnoughReplies, reply_node, sent_nodes, site_of, to_numpy
-from strategies.records import ARRAYS, CONFIG, METRICS, ReplyError, validate_metrics
+from strategies.flower import NotEnoughReplies, reply_node, sent_nodes, site_of
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    EVAL_SPLIT,
+    METRICS,
+    RUN_DONE,
+    RUN_UID,
+    ReplyError,
+    to_numpy,
+    validate_metrics,
+)
 
 
 class NodesUnavailable(RuntimeError):
@@ -77,7 +87,7 @@ class Federation:
     Parameters
     ----------
     grid : Grid
-        Flower's grid (or :class:`server.inprocess.InProcessGrid` in tests).
+        Flower's grid (or :class:`inprocess.InProcessGrid` in tests).
     strategy : strategies.flower._Base
         A fedunroll strategy (validates replies, keeps ``rejected`` and per-site metrics).
     cfg : RunConfig
@@ -141,9 +151,9 @@ class Federation:
         return self.sites.get(node, f"node-{node}")
 
     def _config(self, split: str | None = None) -> ConfigRecord:
-        config = ConfigRecord({**self.extra_config, MSG_RUN_UID: self.run_uid})
+        config = ConfigRecord({**self.extra_config, RUN_UID: self.run_uid})
         if split is not None:
-            config[MSG_EVAL_SPLIT] = split
+            config[EVAL_SPLIT] = split
         return config
 
     # --- one round ----------------------------------------------------------------------------
@@ -272,7 +282,7 @@ class Federation:
         """Global model and zero-filled metrics on every connected site's test slices."""
         nodes = wait_for_nodes(self.grid, self._needed(), self.cfg.federation.node_wait_timeout)
         config = self._config("test")
-        config[MSG_RUN_DONE] = True  # sites drop this run's Scaffold files
+        config[RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         pairs, missing = self._exchange(msgs)

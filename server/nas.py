@@ -30,14 +30,14 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from client.nas import build_genotype_model
+from recon.config import RunConfig
 from recon.models import build_model, count_parameters
 from recon.nas import Genotype, alpha_state, derive_genotype
 from recon.nas.search import search_net
 from server import checkpoint
-from server.config import MSG_NAS_GENOTYPE, RunConfig
 from server.federation import Federation, Progress
-from strategies.flower import to_numpy, to_record
 from strategies.nas import NasSearch
+from strategies.protocol import NAS_GENOTYPE, to_numpy, to_record
 
 GENOTYPE_FILE = "genotype.json"
 SEARCH_DIR = "search"
@@ -122,7 +122,7 @@ def training_genotype(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype | N
 
 def genotype_config(genotype: Genotype | None) -> dict[str, Any]:
     """Config entries of every training-phase message (``nas.genotype`` as JSON)."""
-    return {} if genotype is None else {MSG_NAS_GENOTYPE: json.dumps(genotype.to_dict())}
+    return {} if genotype is None else {NAS_GENOTYPE: json.dumps(genotype.to_dict())}
 
 
 __all__ = ["GENOTYPE_FILE", "genotype_config", "search_phase", "training_genotype"]

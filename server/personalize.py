@@ -29,20 +29,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client.personalize import (
+from recon.config import RunConfig
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRIC_KEYS,
+    METRICS,
     P_FOLDS,
     P_LRS,
     P_MAX_EPOCHS,
     P_MIN_GAIN,
     P_PATIENCE,
     PERSONALIZE,
+    RUN_UID,
+    SITE_ID,
     SITE_QUERY,
     UNSEEN,
+    ReplyError,
+    validate_metrics,
 )
-from server.config import MSG_RUN_UID, RunConfig
-from strategies.records import ARRAYS, CONFIG, METRICS, SITE_ID, ReplyError, validate_metrics
-
-METRIC_KEYS = ("ssim", "nrmse", "psnr")
 
 
 def _exchange(
@@ -139,7 +144,7 @@ def personalize_config_record(
     p = cfg.personalize
     return ConfigRecord(
         {
-            MSG_RUN_UID: run_uid,
+            RUN_UID: run_uid,
             P_LRS: p.lrs,
             P_MAX_EPOCHS: p.max_epochs,
             P_FOLDS: p.folds,

@@ -25,7 +25,6 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -39,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies import maths
-from strategies.records import (
+from strategies.protocol import (
     ARRAYS,
     CONFIG,
     FEDPROX_MU,
@@ -52,6 +51,8 @@ from strategies.records import (
     SERVER_ROUND,
     SITE_ID,
     ReplyError,
+    to_numpy,
+    to_record,
     validate_metrics,
     validate_reply,
 )
@@ -83,16 +84,6 @@ class Reply:
     arrays: Arrays
     metrics: dict[str, Any]
     extra: dict[str, Arrays] = field(default_factory=dict)
-
-
-def to_numpy(record: ArrayRecord) -> Arrays:
-    """ArrayRecord -> dict of numpy arrays (record order)."""
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Dict of numpy arrays -> ArrayRecord (order and dtypes kept)."""
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
 def reply_node(reply: Message, sent: Mapping[str, int]) -> int:

@@ -32,13 +32,15 @@ from strategies.flower import (
     _Base,
     _flatten,
     _unflatten,
+)
+from strategies.protocol import (
+    FAIR_REPORT,
+    FAIR_RISK_GAP,
+    FAIR_WEIGHTS,
+    NAS_ALPHA,
+    ReplyError,
     to_record,
 )
-from strategies.records import FAIR_RISK_GAP, NAS_ALPHA, ReplyError
-
-# Config entry a fairfedavg train message carries: the client must report ``fair.risk-gap``.
-FAIR_REPORT = "fair.report-gap"
-FAIR_WEIGHTS = "fair.weights"
 
 
 class FairFedAvg(_Base):
@@ -132,4 +134,4 @@ class NasSearch(_Base):
 
 NAS_STRATEGIES: dict[str, type[_Base]] = {cls.name: cls for cls in (FairFedAvg, NasSearch)}
 
-__all__ = ["FAIR_REPORT", "NAS_STRATEGIES", "FairFedAvg", "NasSearch"]
+__all__ = ["NAS_STRATEGIES", "FairFedAvg", "NasSearch"]

@@ -11,17 +11,19 @@ from test_app_support import context, message, tiny_config, tiny_sites
 from client import control
 from client.app import evaluate_handler, round_seed, train_handler
 from client.site import clear_cache
+from recon.config import parse_run_config
 from server.app import initial_model
-from server.config import MSG_RUN_UID, parse_run_config
-from strategies.flower import to_numpy, to_record
-from strategies.records import (
+from strategies.protocol import (
     FEDPROX_MU,
     NUM_EXAMPLES,
+    RUN_UID,
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
     SCAFFOLD_OPTION,
     SERVER_ROUND,
     SITE_ID,
+    to_numpy,
+    to_record,
     validate_metrics,
     validate_reply,
 )
@@ -86,7 +88,7 @@ def test_fedprox_term_keeps_model_closer(setup) -> None:
 def test_scaffold_control_variate_sent_and_persisted(setup, option) -> None:
     root, flat, arrays = setup
     c = {k: np.zeros_like(v) for k, v in arrays.items()}
-    config = {SCAFFOLD_OPTION: option, MSG_RUN_UID: f"test-{option}"}
+    config = {SCAFFOLD_OPTION: option, RUN_UID: f"test-{option}"}
     reply, ctx = _train(flat, arrays, config, **{SCAFFOLD_C_GLOBAL: to_record(c)})
     assert not reply.has_error(), reply.error
     assert set(reply.content.array_records) == {"arrays", SCAFFOLD_C_DELTA}
@@ -192,7 +194,7 @@ def test_scaffold_state_goes_under_state_path_with_read_only_data(setup, tmp_pat
         reply, _ = _train(
             flat,
             arrays,
-            {SCAFFOLD_OPTION: "ii", MSG_RUN_UID: "ro"},
+            {SCAFFOLD_OPTION: "ii", RUN_UID: "ro"},
             node,
             **{SCAFFOLD_C_GLOBAL: to_record(c)},
         )
@@ -216,7 +218,7 @@ def test_scaffold_with_gleam_leaves_frozen_controls_alone(setup, option) -> None
         for k, v in initial_model(parse_run_config(flat)).state_dict().items()
     }
     c = {k: np.full_like(v, 1e-3) for k, v in arrays.items()}  # nonzero c: would move lam
-    config = {SCAFFOLD_OPTION: option, MSG_RUN_UID: f"gleam-{option}"}
+    config = {SCAFFOLD_OPTION: option, RUN_UID: f"gleam-{option}"}
     reply, _ = _train(flat, arrays, config, **{SCAFFOLD_C_GLOBAL: to_record(c)})
     assert not reply.has_error(), reply.error
     delta = to_numpy(reply.content.array_records[SCAFFOLD_C_DELTA])

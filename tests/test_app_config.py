@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from recon.overrides import load_config_file
-from server.config import VALID_KEYS, ConfigError, default_flat, parse_run_config
-from server.simulate import build_config, to_toml
+from fedunroll.overrides import load_config_file
+from fedunroll.simulate import build_config, to_toml
+from recon.config import VALID_KEYS, ConfigError, default_flat, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from inprocess import InProcessGrid
 from test_app_support import tiny_config, tiny_sites
 
 from client.app import app as client_app
+from recon.config import parse_run_config
 from server import checkpoint
 from server.app import run_federation
-from server.config import parse_run_config
 from server.federation import NodesUnavailable
-from server.inprocess import InProcessGrid
 from server.results import read, validate_results
-from strategies.flower import NotEnoughReplies, to_numpy, to_record
+from strategies.flower import NotEnoughReplies
+from strategies.protocol import to_numpy, to_record
 
 STRATEGIES = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"]
 

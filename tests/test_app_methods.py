@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from inprocess import InProcessGrid
 from test_app_support import tiny_config, tiny_sites
 
 from client.app import app as client_app
+from recon.config import ConfigError, parse_run_config
 from server.app import initial_model, run_federation
-from server.config import ConfigError, parse_run_config
-from server.inprocess import InProcessGrid
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,19 @@ import json
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from inprocess import InProcessGrid
 from test_app_support import tiny_config, tiny_sites
 
 from client import nas as client_nas
 from client.app import app as client_app
+from recon.config import ConfigError, parse_run_config
 from recon.nas import Genotype, build_from_genotype
 from server import checkpoint
 from server.app import run_federation
-from server.config import ConfigError, parse_run_config
-from server.inprocess import InProcessGrid
 from strategies import nas_maths
-from strategies.flower import build_strategy, to_numpy, to_record
-from strategies.nas import FAIR_REPORT, FairFedAvg, NasSearch
-from strategies.records import FAIR_RISK_GAP, NAS_ALPHA
+from strategies.flower import build_strategy
+from strategies.nas import FairFedAvg, NasSearch
+from strategies.protocol import FAIR_REPORT, FAIR_RISK_GAP, NAS_ALPHA, to_numpy, to_record
 
 GAMMA = 0.1
 

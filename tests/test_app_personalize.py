@@ -15,15 +15,15 @@ from collections import defaultdict
 import pytest
 import torch
 from flwr.app import Context, Message
+from inprocess import InProcessGrid
 from test_app_support import tiny_config, tiny_sites
 
 from client.app import app as client_app
 from client.personalize import MODEL_FILE, REPORT_FILE, is_unseen
+from fedunroll.report import ResultsError, personalization_table, write_report
+from fedunroll.report import validate_results as validate_report
+from recon.config import ConfigError, parse_run_config
 from server.app import run_federation
-from server.config import ConfigError, parse_run_config
-from server.inprocess import InProcessGrid
-from server.report import ResultsError, personalization_table, write_report
-from server.report import validate_results as validate_report
 from server.results import read, validate_results
 
 METRICS = ("ssim", "nrmse", "psnr")
@@ -197,8 +197,7 @@ def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
     from client.nas import build_genotype_model
     from recon.models.checkpoint import load_checkpoint
     from recon.nas import PUBLISHED
-    from server.config import MSG_NAS_GENOTYPE
-    from strategies.flower import to_record
+    from strategies.protocol import NAS_GENOTYPE, to_record
 
     flat = tiny_config(
         root,
@@ -215,7 +214,7 @@ def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
     cfg = parse_run_config(flat)
     model = build_genotype_model(cfg, PUBLISHED)
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    config = {MSG_NAS_GENOTYPE: json.dumps(PUBLISHED.to_dict())}
+    config = {NAS_GENOTYPE: json.dumps(PUBLISHED.to_dict())}
     msg = message(to_record(arrays), config, message_type="train.personalize")
     folder = root / "site0" / ".fedunroll"
     try:

@@ -14,17 +14,19 @@ from flwr.app import Message, MessageType
 from test_app_support import context, message, tiny_config, tiny_sites
 
 from client.app import evaluate_handler, train_handler
+from recon.config import parse_run_config
 from recon.data import SiteDataset
 from server.app import initial_model
-from server.config import MSG_RUN_UID, parse_run_config
-from strategies.flower import to_numpy, to_record
-from strategies.records import (
+from strategies.protocol import (
     FEDPROX_MU,
+    RUN_UID,
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
     SCAFFOLD_OPTION,
     SERVER_ROUND,
     SITE_ID,
+    to_numpy,
+    to_record,
 )
 
 ALLOWED_ARRAY_RECORDS = {"arrays", SCAFFOLD_C_DELTA}
@@ -80,7 +82,7 @@ def test_shipped_key_set_is_the_model_state_dict(setup) -> None:
 @pytest.mark.parametrize("site", [0, 2])
 def test_train_reply_carries_no_data(setup, kind, site) -> None:
     root, flat, arrays = setup
-    config: dict = {SERVER_ROUND: 1, MSG_RUN_UID: f"privacy-{kind}"}
+    config: dict = {SERVER_ROUND: 1, RUN_UID: f"privacy-{kind}"}
     extra = {}
     if kind == "fedprox":
         config[FEDPROX_MU] = 0.1

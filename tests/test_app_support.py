@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
-from server.inprocess import set_task_identity
+from inprocess import set_task_identity
 
 _SITES: dict[int, Path] = {}
 

@@ -104,9 +104,9 @@ def test_simulate_baselines_use_the_federations_data_budget(
 ) -> None:
     """``data.max-train-slices`` (Levac et al. 2023's low-data regime) binds the local-only and the
     centralized baselines too, and they load slices with the sites' data settings."""
+    from fedunroll import simulate
+    from recon.config import parse_run_config
     from recon.train import baselines
-    from server import simulate
-    from server.config import parse_run_config
 
     seen: dict[str, dict] = {}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from server.cli import main
+from fedunroll.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from client.site import Site, clear_cache, load_split
-from recon.commands import DataConfig, build_section
+from fedunroll.cli import main
+from fedunroll.jobs import DataConfig, build_section
+from fedunroll.report import data_kwargs_from_config
+from recon.config import ConfigError, parse_run_config
 from recon.data import (
     DataError,
     SiteDataset,
@@ -26,9 +29,6 @@ from recon.data import (
 from recon.data.dataset import data_values_from_flat
 from recon.data.prepare import _params
 from recon.physics.coils import np_crop_kspace
-from server.cli import main
-from server.config import ConfigError, parse_run_config
-from server.report import data_kwargs_from_config
 
 CROP = (32, 24)  # of the 48x48 synthetic matrix
 

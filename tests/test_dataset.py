@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fedunroll.data import register
 from recon.data import (
     DataError,
     Sample,
@@ -25,7 +26,6 @@ from recon.data import (
     split_files,
     write_volume,
 )
-from recon.data.commands import register
 from recon.physics.coils import np_fft2c, np_ifft2c, np_rss
 from recon.physics.masks import acs_slice
 

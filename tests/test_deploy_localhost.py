@@ -5,7 +5,7 @@ SuperLink + 3 SuperNodes as processes on free ports, the CA and server certifica
 registered with ``flwr supernode register``. A fourth SuperNode with an unregistered key must be
 refused; the real app then runs 2 small rounds through ``flwr run`` against the deployment, every
 site must take part, and no process may outlive the test (process groups + an environment
-token, :mod:`server.procs`).
+token, :mod:`fedunroll.procs`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_app_support import tiny_config, tiny_sites
 
-from server.procs import ProcessGroup
+from fedunroll.procs import ProcessGroup
+from fedunroll.simulate import free_port, to_toml
 from server.results import read
-from server.simulate import free_port, to_toml
 
 pytestmark = [
     pytest.mark.slow,

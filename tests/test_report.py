@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from server.report import ResultsError, command, load_results, validate_results, write_report
+from fedunroll.report import ResultsError, command, load_results, validate_results, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -252,7 +252,7 @@ def test_bad_checkpoint_is_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from fedunroll.cli import main
 
     run = write_run(tmp_path / "run", make_results())
     assert main(["report", str(run), "--no-grid"]) == 0

@@ -21,10 +21,10 @@ import pytest
 import torch
 from test_app_support import tiny_config, tiny_sites
 
+from fedunroll.procs import tagged_pids
+from fedunroll.simulate import to_toml
 from server import checkpoint
-from server.procs import tagged_pids
 from server.results import read
-from server.simulate import to_toml
 
 pytestmark = [
     pytest.mark.slow,
@@ -70,7 +70,7 @@ def _start(config: Path, out: Path, mark: str, *extra: str) -> subprocess.Popen:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    cmd = [sys.executable, "-m", "server.cli", "simulate", "--config", str(config)]
+    cmd = [sys.executable, "-m", "fedunroll.cli", "simulate", "--config", str(config)]
     cmd += ["--out", str(out), "--quiet", *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -23,7 +23,7 @@ from strategies.flower import (
     to_numpy,
     to_record,
 )
-from strategies.records import (
+from strategies.protocol import (
     ARRAYS,
     CONFIG,
     FEDPROX_MU,

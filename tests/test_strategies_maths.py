@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from strategies import maths
-from strategies.records import NUM_EXAMPLES, ReplyError, validate_metrics, validate_reply
+from strategies.protocol import NUM_EXAMPLES, ReplyError, validate_metrics, validate_reply
 
 RNG = np.random.default_rng(0)
 

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
+from fedunroll.data import register
 from recon.data import SiteDataset, check_file, generate_sites, read_volume, scan_site, site_presets
-from recon.data.commands import register
 from recon.data.synth import SitePreset, get_preset, synth_volume
 from recon.physics.coils import np_ifft2c, np_rss
 

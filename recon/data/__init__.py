@@ -1,7 +1,7 @@
 """Site data: fastMRI-layout h5 I/O, site preparation (cached coil maps), the per-slice dataset
 and the synthetic multi-site generator. Pure numpy / h5py / SigPy / torch; no flwr.
 
-Names are imported lazily (PEP 562), so that ``recon.data.commands`` (the CLI) loads without
+Names are imported lazily (PEP 562), so that ``fedunroll.data`` (the CLI) loads without
 torch and ``fedunroll --help`` stays instant.
 """
 

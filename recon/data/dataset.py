@@ -40,7 +40,7 @@ from recon.physics.masks import acs_slice, make_mask, slice_seed
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
-# The federated run config's data keys (``server.config.DataSection``, flat as in results.json and
+# The federated run config's data keys (``recon.config.DataSection``, flat as in results.json and
 # checkpoints' ``run_config``) -> the parameters of :func:`dataset_kwargs`.
 FLAT_DATA_KEYS = {
     "data.mask": "mask",
@@ -94,8 +94,8 @@ def dataset_kwargs(
     ``data.seed``, ``data.maps``, ``data.crop``) to the dataset, for training, baselines,
     reports, ``recon`` and personalization alike (so every path orients horizontal-readout files
     the same way, ``rotate=None``); ``extra`` (``rotate``, ``max_slices``, ...) wins. Adapters: :func:`dataset_kwargs_from_flat` (a flat run
-    config), ``server.config.DataSection.dataset_kwargs`` and
-    ``recon.commands.DataConfig.dataset_kwargs``.
+    config), ``recon.config.DataSection.dataset_kwargs`` and
+    ``fedunroll.jobs.DataConfig.dataset_kwargs``.
     """
     return {
         "mask_kind": mask,

@@ -37,7 +37,7 @@ LABELS = {
 }
 HEADERS = {"ssim": "SSIM", "nrmse": "NRMSE", "psnr": "PSNR (dB)"}
 FIGURES = ("metrics_vs_round.png", "site_bars.png", "recon_grid.png")
-# Flat run-config keys that locate and prepare the data (owned by server.config).
+# Flat run-config keys that locate and prepare the data (owned by recon.config).
 DATA_ROOT_KEY = "data.root"
 
 

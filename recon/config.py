@@ -32,11 +32,6 @@ from recon.models import ModelConfig
 from recon.train import TrainConfig
 from recon.train.methods import check_method, method_options
 
-# Config entries the server adds to its messages (besides those of ``strategies.records``).
-MSG_RUN_UID = "run.uid"  # identifies a run across resumes (Scaffold's c_k files are keyed by it)
-MSG_EVAL_SPLIT = "eval.split"  # "val" every round, "test" for the final evaluation
-MSG_RUN_DONE = "run.done"  # on the final evaluation: sites may delete this run's client state
-
 STRATEGY_NAMES = (
     "fedavg",
     "fedprox",
@@ -46,9 +41,6 @@ STRATEGY_NAMES = (
     "scaffold",
     "fairfedavg",
 )
-# The derived genotype (JSON) sent with every message of a training phase with a searched
-# denoiser, so that sites build the same network (GAutoMRI Algorithm 2).
-MSG_NAS_GENOTYPE = "nas.genotype"
 
 
 class ConfigError(ValueError):

@@ -11,9 +11,9 @@ import sys
 
 # Modules exposing ``register(subparsers)``; each adds subcommands with ``set_defaults(func=...)``.
 COMMAND_MODULES = [
-    "recon.data.commands",  # synth, prepare
-    "recon.commands",  # train, recon, demo
-    "server.commands",  # simulate, report
+    "fedunroll.data",  # synth, prepare
+    "fedunroll.jobs",  # train, recon, demo
+    "fedunroll.federation",  # simulate, report
 ]
 
 

@@ -1,7 +1,8 @@
-"""Message record names shared by the server and the clients, and reply validators.
+"""The message protocol: the only module the ServerApp and the ClientApp share.
 
-Defined once so that ``server/`` and ``client/`` cannot drift apart. This module imports
-numpy only (no flwr), so a client can validate its own reply before sending it.
+Every record name, message type and config key that crosses the network is defined here, with
+the record codec (:func:`to_numpy`, :func:`to_record`) and the reply validators. ``server/``
+and ``client/`` never import each other; a site written from this module alone can take part.
 
 Records in a train message (server -> client)
 ---------------------------------------------
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from numbers import Real
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 
 # Record names (keys of a Message's RecordDict).
 ARRAYS = "arrays"
@@ -52,6 +54,42 @@ TRAIN_LOCAL_STEPS = "train.local-steps"
 TRAIN_LR = "train.lr"
 
 SCAFFOLD_OPTIONS = ("i", "ii")
+
+# Config entries of the round loop.
+RUN_UID = "run.uid"  # identifies a run across resumes (site state files are keyed by it)
+EVAL_SPLIT = "eval.split"  # "val" every round, "test" for the final evaluation
+RUN_DONE = "run.done"  # on the final evaluation: sites may delete this run's client state
+# The derived genotype (JSON) sent with every message of a training phase with a searched
+# denoiser, so that sites build the same network (GAutoMRI Algorithm 2).
+NAS_GENOTYPE = "nas.genotype"
+# fairfedavg (GAutoMRI Eq. 9-11): a train message with this entry asks the site for
+# ``fair.risk-gap`` (record FAIR_RISK_GAP's metric) and ``fair.local-loss``.
+FAIR_REPORT = "fair.report-gap"
+FAIR_WEIGHTS = "fair.weights"
+FAIR_LOCAL_LOSS = "fair.local-loss"
+
+# Personalization phase (Levac et al. 2023 Sec. 3.4): message types and config keys.
+PERSONALIZE = "train.personalize"
+SITE_QUERY = "query.site"
+UNSEEN = "unseen"  # config key of the site-query reply, and the deployment node-config key
+P_LRS = "personalize.lrs"
+P_MAX_EPOCHS = "personalize.max-epochs"
+P_FOLDS = "personalize.folds"
+P_PATIENCE = "personalize.patience"
+P_MIN_GAIN = "personalize.min-gain"
+
+# Scalar metrics of an evaluation (the ``zf-`` prefix: zero-filled on the same slices).
+METRIC_KEYS = ("ssim", "nrmse", "psnr")
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> dict of numpy arrays (record order)."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Dict of numpy arrays -> ArrayRecord (order and dtypes kept)."""
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
 class ReplyError(ValueError):

@@ -6,7 +6,7 @@
    (``<run dir>/.flwr``, holding the ``config.toml`` connection), then
    ``flwr run <app> fedunroll --stream`` with the run config as a TOML file.
 3. Always stop the SuperLink, its SuperExec, the simulation and every Ray process, also on
-   Ctrl-C, SIGTERM and errors (:mod:`server.procs`).
+   Ctrl-C, SIGTERM and errors (:mod:`fedunroll.procs`).
 4. Add the local-only (and, if asked, centralized) baselines to ``results.json`` and print
    the per-site table: federated vs zero-filled vs each site alone.
 """
@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from fedunroll.procs import ProcessGroup
+from recon.config import RunConfig, default_flat, parse_run_config
 from server import checkpoint
-from server.config import RunConfig, default_flat, parse_run_config
-from server.procs import ProcessGroup
 
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -121,8 +121,8 @@ def load_job_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Train
     ``train.method`` (e2e, checkpoint, gleam, layerwise) picks the trainer; it is checked
     against the architecture here, before any data is read.
     """
+    from fedunroll.overrides import load_config_file, parse_sets, split_sections
     from recon.models import ModelConfig
-    from recon.overrides import load_config_file, parse_sets, split_sections
     from recon.train import TrainConfig
     from recon.train.methods import check_method
 
@@ -292,9 +292,9 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
+    from fedunroll.overrides import load_config_file, parse_sets, split_sections
     from recon.data.dataset import data_values_from_flat
     from recon.models.checkpoint import load_checkpoint, save_checkpoint
-    from recon.overrides import load_config_file, parse_sets, split_sections
     from recon.train.personalize import PersonalizeConfig, personalize
 
     device = resolve_device(args.device)

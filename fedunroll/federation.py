@@ -53,7 +53,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``fedunroll report``: 0 when written, 2 on a missing or malformed results.json."""
-    from server import report
+    from fedunroll import report
 
     return report.command(args)
 
@@ -68,11 +68,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedunroll simulate``: returns 0 on a completed run, 1 on a failed one, 2 on bad input."""
     from pydantic import ValidationError
 
-    from recon.data import DataError
-    from recon.overrides import load_config_file, parse_sets
-    from server import results
-    from server.config import ConfigError
-    from server.simulate import (
+    from fedunroll.overrides import load_config_file, parse_sets
+    from fedunroll.simulate import (
         SimulationError,
         build_config,
         ensure_sites,
@@ -80,6 +77,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         resume_config,
         run_simulation,
     )
+    from recon.config import ConfigError
+    from recon.data import DataError
+    from server import results
 
     cfg = None
     try:
@@ -127,8 +127,8 @@ def _run_dir_hint(cfg: Any) -> str:
 
 def add_baselines(run_dir: Path, cfg: Any, data: dict[str, Any]) -> None:
     """Local-only (and centralized) training of the same sites, written into results.json."""
+    from fedunroll.simulate import run_baselines
     from server import results
-    from server.simulate import run_baselines
 
     try:
         out = run_baselines(cfg, data)
