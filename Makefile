@@ -26,10 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(BIN)/fedunroll simulate
 
+# Style, types and the architecture's import contracts ([tool.importlinter] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff check --fix .
