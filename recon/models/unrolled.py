@@ -17,7 +17,7 @@ from torch import nn
 
 from recon.models.denoisers import ComplexDenoiser
 from recon.physics.cg import conjugate_gradient
-from recon.physics.sense import SenseOp
+from recon.physics.sense import ScaledIdentityPlusNormal, SenseOp
 
 
 class Unrolled(nn.Module):
@@ -109,10 +109,9 @@ class MoDL(Unrolled):
     ) -> torch.Tensor:
         """Eq. 8: ``(A^H A + lam I)^{-1} (A^H y + lam z)`` by ``cg_iters`` CG steps."""
         lam = self.lam
+        normal = ScaledIdentityPlusNormal(physics, lam)  # A^H A + lam I
         rhs = physics.adjoint(y) + lam * z
-        return conjugate_gradient(
-            lambda v: physics.normal(v) + lam * v, rhs, x0=x0, max_iter=self.cg_iters
-        )
+        return conjugate_gradient(normal, rhs, x0=x0, max_iter=self.cg_iters)
 
     def step(self, i: int, x: torch.Tensor, y: torch.Tensor, physics: SenseOp) -> torch.Tensor:
         z = self.denoiser(i)(x)
