@@ -34,7 +34,6 @@ from client.site import Site, error_reply, load_split, resolve_site, site_label,
 from recon.config import RunConfig, parse_run_config
 from recon.data.sample import collate
 from recon.models import Unrolled
-from recon.physics.sense import SenseOp
 from recon.runtime import tune_malloc
 from recon.train import TrainHooks, evaluate, get_loss
 from recon.train.methods import local_train
@@ -119,7 +118,7 @@ def _gradient_at(
     n = min(cfg.scaffold.grad_slices, len(data))
     for i in range(n):
         sample = collate([data[i]]).to(device)
-        physics = SenseOp(sample.maps, sample.mask)
+        physics = sample.physics()
         (loss_fn(model(sample.kspace, physics), sample, physics) / n).backward()  # type: ignore[arg-type]
     out = {}
     for k, ref in reference.items():

@@ -419,7 +419,6 @@ def _reconstruct(ctx: Mapping[str, Any], device: str) -> list[dict[str, Any]]:
     from recon.data.sample import collate
     from recon.metrics import all_metrics
     from recon.models.checkpoint import load_checkpoint
-    from recon.physics.sense import SenseOp
     from recon.train import zero_filled
 
     model, _, _ = load_checkpoint(ctx["model_path"], device)
@@ -433,7 +432,7 @@ def _reconstruct(ctx: Mapping[str, Any], device: str) -> list[dict[str, Any]]:
             continue
         item = ds[len(ds) // 2]
         sample = collate([item]).to(device)
-        physics = SenseOp(sample.maps, sample.mask)
+        physics = sample.physics()
         with torch.no_grad():
             zf = zero_filled(sample)
             fed = physics.rss(model(sample.kspace, physics))

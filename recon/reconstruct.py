@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from recon.data.dataset import file_samples
 from recon.data.sample import Sample, collate
 from recon.metrics import nrmse, psnr, ssim
-from recon.physics.sense import SenseOp
 from recon.train.trainer import zero_filled
 
 METHODS = ("zero-filled", "sense", "cs", "model")
@@ -75,7 +74,7 @@ def reconstruct_file(
     images, rows = [], []
     for s in tqdm(samples, desc=f"{method} {src.name}", leave=False, disable=len(samples) < 4):
         batch = collate([s])
-        physics = SenseOp(batch.maps, batch.mask)
+        physics = batch.physics()
         with torch.no_grad():
             if method == "zero-filled":
                 img = zero_filled(batch)

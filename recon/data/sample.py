@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from recon.physics.sense import SenseOp
+
 
 @dataclass
 class Sample:
@@ -40,6 +42,10 @@ class Sample:
     target: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
     image: torch.Tensor | None = None
+
+    def physics(self) -> SenseOp:
+        """The forward operator ``A = P F S`` of this sample (its own maps and mask)."""
+        return SenseOp(self.maps, self.mask)
 
     def to(self, device: torch.device | str) -> Sample:
         return Sample(

@@ -34,7 +34,6 @@ from recon.data.sample import Sample, collate
 from recon.models.denoisers import ComplexDenoiser
 from recon.nas.cell import SearchDenoiser
 from recon.nas.genotype import Genotype, build_from_genotype, derive_genotype
-from recon.physics.sense import SenseOp
 from recon.train.losses import LossFn, get_loss
 from recon.train.trainer import iterate_batches
 
@@ -156,7 +155,7 @@ class SearchResult:
 
 
 def _loss(model: nn.Module, sample: Sample, loss_fn: LossFn) -> torch.Tensor:
-    physics = SenseOp(sample.maps, sample.mask)
+    physics = sample.physics()
     return loss_fn(model(sample.kspace, physics), sample, physics)
 
 

@@ -34,7 +34,6 @@ from torch import nn
 
 from recon.data.sample import Sample
 from recon.models.unrolled import Unrolled
-from recon.physics.sense import SenseOp
 from recon.train.losses import LossFn, get_loss
 from recon.train.trainer import (
     TrainConfig,
@@ -217,7 +216,7 @@ def _gleam_step(
     """One mini-batch through all modules in blocks of ``D = block_size`` (Alg. 2 lines 2-14;
     Alg. 1 when ``D = 1``)."""
     data = {d: sample.to(d) for d in set(mod_dev)}
-    ops = {d: SenseOp(s.maps, s.mask) for d, s in data.items()}
+    ops = {d: s.physics() for d, s in data.items()}
     x = model.init(data[mod_dev[0]].kspace, ops[mod_dev[0]])  # x^(0) = A^H y, no weights
     detached: list[torch.Tensor] = []
     for start in range(0, len(groups), block_size):

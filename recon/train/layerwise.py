@@ -149,7 +149,7 @@ def train_layerwise(
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             for _ in range(per_stage):
                 sample = next(batches).to(device)
-                physics = SenseOp(sample.maps, sample.mask)
+                physics = sample.physics()
                 x_in = denoiser_input(model, k, sample.kspace, physics)
                 z = _denoise_prefix(dens[k], nets[k], x_in, b)
                 stage_loss = loss_fn(z, sample, physics)

@@ -23,7 +23,6 @@ from recon.data.sample import Sample, collate
 from recon.metrics import nrmse, psnr, ssim
 from recon.models.unrolled import Unrolled
 from recon.physics.fft import ifft2c, rss
-from recon.physics.sense import SenseOp
 from recon.train.losses import get_loss
 
 
@@ -165,7 +164,7 @@ def train(
     with _progress(steps, desc, progress) as bar:
         for _ in range(steps):
             sample = next(batches).to(device)
-            physics = SenseOp(sample.maps, sample.mask)
+            physics = sample.physics()
             x = model(sample.kspace, physics)
             loss = loss_fn(x, sample, physics)  # type: ignore[arg-type]
             if hooks.regularizer is not None:
@@ -207,7 +206,7 @@ def evaluate(
     curves: list[list[float]] = []
     for i in range(len(dataset)):
         sample = collate([dataset[i]]).to(device)
-        physics = SenseOp(sample.maps, sample.mask)
+        physics = sample.physics()
         if model is None:
             image = zero_filled(sample)
         elif per_unroll:
