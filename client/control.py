@@ -13,9 +13,6 @@ The state path is the site's ``state-path`` node config, by default its data pat
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,62 +20,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
+from client.state import RoundFiles
 from strategies.protocol import to_numpy, to_record
 
 STATE_ARRAYS = "scaffold.c-local"
 STATE_META = "scaffold.c-local-meta"
-
-
-class RoundFiles:
-    """One run's round-tagged arrays at a site, ``<state path>/.fedunroll/<run uid>/
-    <stem>.r000003.npz``: Scaffold's c_k here, the client EMA in :mod:`client.nas`."""
-
-    def __init__(self, state_path: Path, run_uid: str, stem: str) -> None:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_uid) or "run"
-        self.folder = Path(state_path) / ".fedunroll" / safe
-        self.stem = stem
-        self._pattern = re.compile(rf"^{re.escape(stem)}\.r(\d{{6}})\.npz$")
-
-    def path(self, server_round: int) -> Path:
-        return self.folder / f"{self.stem}.r{server_round:06d}.npz"
-
-    def rounds(self) -> list[int]:
-        if not self.folder.is_dir():
-            return []
-        names = (p.name for p in self.folder.iterdir())
-        return sorted(int(m.group(1)) for n in names if (m := self._pattern.match(n)))
-
-    def latest_before(self, server_round: int) -> int | None:
-        """The last saved round before ``server_round`` (what a resumed round must read)."""
-        earlier = [r for r in self.rounds() if r < server_round]
-        return earlier[-1] if earlier else None
-
-    def save(self, server_round: int, arrays: Mapping[str, np.ndarray], keep_from: int) -> Path:
-        """Write atomically, then drop the rounds before ``keep_from``; raises ``OSError``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.path(server_round)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **dict(arrays))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        for r in self.rounds():
-            if r < keep_from:
-                self.path(r).unlink(missing_ok=True)
-        return target
-
-    def forget(self) -> None:
-        """Delete every round's file, then the run folder and ``.fedunroll`` if left empty."""
-        for r in self.rounds():
-            self.path(r).unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()
-            self.folder.parent.rmdir()  # .fedunroll, if no other run left files
-        except OSError:
-            pass
 
 
 def _files(state_path: Path, run_uid: str) -> RoundFiles:

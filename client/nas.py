@@ -36,19 +36,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from client.control import RoundFiles
+from client.state import RoundFiles
 from recon.config import RunConfig
 from recon.models import Unrolled, build_model
 from recon.models.unrolled import MoDL, UnrolledPGD
-from recon.nas import (
-    Genotype,
-    alpha_state,
-    build_from_genotype,
-    empirical_risk,
-    load_alpha_state,
-    milenas_train,
-    split_train_val,
-)
+from recon.nas import Genotype, alpha_state, build_from_genotype, load_alpha_state
+from recon.train import empirical_risk, milenas_train, split_train_val
 from strategies import nas_maths
 from strategies.protocol import ARRAYS, NAS_ALPHA, NAS_GENOTYPE, NUM_EXAMPLES, to_numpy, to_record
 

@@ -22,10 +22,7 @@ Two extra ClientApp actions, registered on :data:`client.app.app`:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from logging import INFO
 from pathlib import Path
@@ -38,6 +35,7 @@ from flwr.common import log
 from client.nas import build_site_model, genotype_of
 from client.site import Site, error_reply, load_split, resolve_site, site_label
 from recon.config import RunConfig, parse_run_config
+from recon.fileio import atomic_write_json
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
 from strategies.protocol import (
@@ -110,17 +108,6 @@ def site_query_handler(msg: Message, context: Context) -> Message:
         return error_reply(msg, site_label(context), exc)
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def personalize_handler(msg: Message, context: Context) -> Message:
     """``train.personalize``: fine-tune locally, keep the weights, reply the metrics only."""
     site_name = site_label(context)
@@ -152,7 +139,7 @@ def personalize_handler(msg: Message, context: Context) -> Message:
             site=site.site_id,
             personalization={k: report[k] for k in ("r_fine", "n_fine", "fine_tune", "decision")},
         )
-        _atomic_json(folder / REPORT_FILE, {"site": site.site_id, **report})
+        atomic_write_json(folder / REPORT_FILE, {"site": site.site_id, **report})
         log(INFO, "site %s: %s; kept at %s", site.site_id, report["decision"], folder / MODEL_FILE)
         metrics: dict[str, Any] = {
             NUM_EXAMPLES: len(train_set),

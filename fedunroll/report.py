@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from recon.fileio import atomic_write_text
 from server.results import FINAL_METHODS as METHODS
 from server.results import METRIC_KEYS as METRICS
 from server.results import ResultsError, validate_results
@@ -543,9 +544,7 @@ def write_report(
         else:
             notes.append(note)
     md = run / "report.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(render_markdown(results, figures))
-    os.replace(tmp, md)
+    atomic_write_text(md, render_markdown(results, figures))
     if echo:
         print(f"run {results['name']} ({results['status']})")
         print(site_table(results))

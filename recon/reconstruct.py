@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from recon.data.dataset import file_samples
 from recon.data.sample import Sample, collate
+from recon.fileio import atomic_path
 from recon.metrics import nrmse, psnr, ssim
 from recon.train.trainer import zero_filled
 
@@ -95,9 +96,7 @@ def reconstruct_file(
         )
         images.append(img[0].numpy())
     dst = Path(out) if out else src.with_name(f"{src.stem}.{method}.h5")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(dst) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(f"reconstruction_{method}", data=np.stack(images).astype(np.float32))
         f.attrs["source"] = str(src)
         f.attrs["method"] = method
@@ -105,7 +104,6 @@ def reconstruct_file(
         f.attrs["mask"] = data.mask
         if data.crop:
             f.attrs["crop"] = data.crop
-    os.replace(tmp, dst)
     if png_dir is not None:
         import matplotlib
 

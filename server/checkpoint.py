@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recon.models.checkpoint import atomic_torch_save
+from recon.fileio import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
 VERSION = 1

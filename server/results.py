@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from recon.fileio import atomic_write_json
 
 SCHEMA = "fedunroll.results/1"
 RESULTS = "results.json"
@@ -97,18 +98,7 @@ def build(
 
 def write(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
     """Write ``run_dir/results.json`` atomically (NaN is written as ``null``)."""
-    path = Path(run_dir) / RESULTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(results), indent=2)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_json(Path(run_dir) / RESULTS, _finite(results))
 
 
 def read(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from recon.fileio import atomic_path
+
 KSPACE = "kspace"
 RSS = "reconstruction_rss"
 HEADER = "ismrmrd_header"
@@ -224,21 +226,14 @@ def write_volume(
     k = np.asarray(kspace)
     if k.ndim != 4 or not np.iscomplexobj(k):
         raise ValueError(f"kspace must be complex [slices, coils, H, W], got {k.dtype} {k.shape}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(KSPACE, data=k.astype(np.complex64, copy=False))
-            if rss is not None:
-                f.create_dataset(RSS, data=np.asarray(rss, dtype=np.float32))
-            if header is not None:
-                f.create_dataset(HEADER, data=header)
-            for key, val in (attrs or {}).items():
-                f.attrs[key] = val
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(p) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(KSPACE, data=k.astype(np.complex64, copy=False))
+        if rss is not None:
+            f.create_dataset(RSS, data=np.asarray(rss, dtype=np.float32))
+        if header is not None:
+            f.create_dataset(HEADER, data=header)
+        for key, val in (attrs or {}).items():
+            f.attrs[key] = val
     return p
 
 

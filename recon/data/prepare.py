@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recon.data.h5io import KSPACE, DataError, display_name, read_volume, scan_site
+from recon.fileio import atomic_path
 from recon.physics.coils import estimate_maps, np_crop_kspace
 
 CACHE_DIR = ".cache"
@@ -100,18 +101,11 @@ def _read_cache(path: Path, src: Path, params: str, shape: tuple[int, ...]) -> n
 
 
 def _write_cache(path: Path, maps: np.ndarray, params: str, source: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("maps", data=maps.astype(np.complex64, copy=False))
-            f.attrs["params"] = params
-            f.attrs["version"] = CACHE_VERSION
-            f.attrs["source"] = source
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("maps", data=maps.astype(np.complex64, copy=False))
+        f.attrs["params"] = params
+        f.attrs["version"] = CACHE_VERSION
+        f.attrs["source"] = source
 
 
 def _num_slices(path: Path) -> int:

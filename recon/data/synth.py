@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from recon.data.h5io import SPLITS, write_volume
+from recon.fileio import atomic_write_json
 from recon.physics.coils import np_fft2c, np_ifft2c, np_rss
 
 GENERATOR = "fedunroll.synth/1"
@@ -721,9 +722,7 @@ def generate_site(
         "slices": counts,
         "files": files,
     }
-    tmp = root / ".site.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, root / "site.json")
+    atomic_write_json(root / "site.json", info)
     return info
 
 

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from recon.fileio import atomic_torch_save
 from recon.models.config import ModelConfig, build_model
 from recon.models.unrolled import Unrolled
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
-    model: Unrolled, cfg: ModelConfig, path: str | os.PathLike[str], **extra: Any
+    model: torch.nn.Module, cfg: ModelConfig, path: str | os.PathLike[str], **extra: Any
 ) -> None:
     """Save ``{"state_dict", "model_config", **extra}`` atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

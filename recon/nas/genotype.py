@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from recon.fileio import atomic_write_json
 from recon.models.denoisers import ComplexDenoiser
 from recon.nas.cell import DerivedNet
 from recon.nas.ops import PRIMITIVES
@@ -73,12 +74,7 @@ class Genotype:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the genotype as indented JSON (atomically) and return the path."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, out)
-        return out
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Genotype:
