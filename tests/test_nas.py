@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from recon.data import SiteDataset, generate_sites
 from recon.data.sample import collate
@@ -23,7 +24,6 @@ from recon.nas import (
     Genotype,
     MixedOp,
     SearchDenoiser,
-    SliceSubset,
     alpha_state,
     arch_parameters,
     build_from_genotype,
@@ -32,17 +32,14 @@ from recon.nas import (
     count_conv_macs,
     denoiser_cost,
     derive_genotype,
-    empirical_risk,
     load_alpha_state,
     make_op,
-    milenas_grads,
-    milenas_train,
     model_genotype,
-    split_train_val,
     unrolled_cost,
     weight_parameters,
 )
 from recon.train.losses import get_loss
+from recon.train.milenas import empirical_risk, milenas_grads, milenas_train, split_train_val
 
 C = 4  # feature maps in the tiny test networks
 
@@ -357,7 +354,7 @@ def test_one_federated_search_round_composes(site: SiteDataset) -> None:
     from strategies.nas_maths import aggregate_alpha
 
     global_model = _search_model()
-    parts = [SliceSubset(site, range(0, 4)), SliceSubset(site, range(4, len(site)))]
+    parts = [Subset(site, range(0, 4)), Subset(site, range(4, len(site)))]
     thetas, alphas, counts = [], [], []
     for c, data in enumerate(parts):
         local = copy.deepcopy(global_model)

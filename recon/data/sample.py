@@ -8,7 +8,7 @@ state), so they can never leak into ``model.state_dict()`` and never reach the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +56,17 @@ class Sample:
             dict(self.meta),
             None if self.image is None else self.image.to(device),
         )
+
+
+class Slices(Protocol):
+    """What the trainers need of a set of slices: its length and one :class:`Sample` by index.
+
+    A :class:`~recon.data.dataset.SiteDataset`, a ``torch.utils.data.Subset`` of one, or a list.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Sample: ...
 
 
 def collate(samples: list[Sample]) -> Sample:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recon.models.denoisers import build_denoiser
 from recon.models.unrolled import MoDL, Unrolled, UnrolledPGD
+from recon.nas.search import build_nas_denoiser
 
 
 class ModelConfig(BaseModel):
@@ -52,8 +53,6 @@ def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled
 
     def make():
         if cfg.denoiser == "nas":
-            from recon.nas.search import build_nas_denoiser
-
             return build_nas_denoiser(
                 cfg.nas_genotype, cfg.nas_channels, cfg.nas_cells, cfg.nas_nodes
             )

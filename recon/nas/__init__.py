@@ -3,7 +3,8 @@
 - :mod:`recon.nas.ops`: the 8 candidate operations and ``MixedOp`` (Eq. 6).
 - :mod:`recon.nas.cell`: DARTS-style cells, ``SearchDenoiser`` (θ and α kept apart) and the
   derived ``DerivedNet``.
-- :mod:`recon.nas.search`: the MiLeNAS local search step and α helpers.
+- :mod:`recon.nas.search`: the search network of an unrolled model and its α helpers (the
+  MiLeNAS search step that trains it is :mod:`recon.train.milenas`).
 - :mod:`recon.nas.genotype`: α -> readable genotype file -> discrete denoiser.
 - :mod:`recon.nas.cost`: parameter counts and convolution MACs.
 
@@ -16,18 +17,13 @@ from recon.nas.cost import count_conv_macs, denoiser_cost, unrolled_cost
 from recon.nas.genotype import PUBLISHED, Genotype, build_from_genotype, derive_genotype
 from recon.nas.ops import PRIMITIVES, MixedOp, make_op
 from recon.nas.search import (
-    SearchResult,
-    SliceSubset,
     alpha_state,
     arch_parameters,
     build_nas_denoiser,
     build_search_denoiser,
-    empirical_risk,
     load_alpha_state,
-    milenas_grads,
-    milenas_train,
     model_genotype,
-    split_train_val,
+    search_net,
     weight_parameters,
 )
 
@@ -38,8 +34,6 @@ __all__ = [
     "Genotype",
     "MixedOp",
     "SearchDenoiser",
-    "SearchResult",
-    "SliceSubset",
     "alpha_state",
     "arch_parameters",
     "build_from_genotype",
@@ -48,13 +42,10 @@ __all__ = [
     "count_conv_macs",
     "denoiser_cost",
     "derive_genotype",
-    "empirical_risk",
     "load_alpha_state",
     "make_op",
-    "milenas_grads",
-    "milenas_train",
     "model_genotype",
-    "split_train_val",
+    "search_net",
     "unrolled_cost",
     "weight_parameters",
 ]

@@ -1,41 +1,26 @@
-"""MiLeNAS mixed-level search at one site (FedAutoMRI Eq. 6, GAutoMRI Eq. 7 / Algorithm 1).
+"""The MiLeNAS search network of the MoDL denoiser and its α helpers (GAutoMRI Fig. 2).
 
-Each local step, at the current ``(θ, α)``::
+The model side of architecture search: building the search denoiser (or the derived one from a
+genotype), finding the one :class:`~recon.nas.cell.SearchDenoiser` inside an unrolled model, and
+reading and writing its architecture weights α. The search *training* (the mixed-level step of
+FedAutoMRI Eq. 6) is in :mod:`recon.train.milenas`.
 
-    θ <- θ - η_θ ∇θ L_tr(θ, α)
-    α <- α - η_α (∇α L_tr(θ, α) + λ ∇α L_val(θ, α))
-
-(first order: no unrolled second-order term, unlike DARTS). The site splits its slices into a
-train and a val part (:func:`split_train_val`). Losses are the trainer's
-(:func:`recon.train.losses.get_loss`), batches come from
-:func:`recon.train.trainer.iterate_batches`. GAutoMRI Sec. IV.A.3: Adam 1e-3 for θ; Adam for α
-(1e-4 in GAutoMRI, 3e-3 in FedAutoMRI) with weight decay 1e-3.
-
-The model is any unrolled network (``model(y, physics)``) whose denoiser contains one
-:class:`~recon.nas.cell.SearchDenoiser`; θ is every registered parameter (the denoiser weights
-and MoDL's ``lam``), α is the search net's architecture weights.
+θ is every registered parameter of the model (the denoiser weights and MoDL's ``lam``), α is the
+search net's architecture weights.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import overload
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from recon.data.sample import Sample, collate
 from recon.models.denoisers import ComplexDenoiser
 from recon.nas.cell import SearchDenoiser
 from recon.nas.genotype import Genotype, build_from_genotype, derive_genotype
-from recon.train.losses import LossFn, get_loss
-from recon.train.trainer import iterate_batches
 
 
 def build_search_denoiser(
@@ -63,43 +48,6 @@ def build_nas_denoiser(
     if genotype is None:
         return build_search_denoiser(channels, num_cells, num_nodes)
     return build_from_genotype(genotype)
-
-
-class SliceSubset(Sequence[Sample]):
-    """A view of some slices of a dataset (no copies)."""
-
-    def __init__(self, dataset: Sequence[Sample], indices: Sequence[int]):
-        self.dataset = dataset
-        self.indices = [int(i) for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @overload
-    def __getitem__(self, i: int) -> Sample: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Sample]: ...
-    def __getitem__(self, i: int | slice) -> Sample | Sequence[Sample]:
-        if isinstance(i, slice):
-            return SliceSubset(self.dataset, self.indices[i])
-        return self.dataset[self.indices[i]]
-
-
-def split_train_val(
-    dataset: Sequence[Sample], val_fraction: float = 0.5, seed: int = 0
-) -> tuple[SliceSubset, SliceSubset]:
-    """Seeded split of a site's slices into the MiLeNAS train and val parts (both non-empty).
-
-    MiLeNAS / DARTS use half of the training data as the architecture-validation set.
-    """
-    n = len(dataset)
-    if n < 2:
-        raise ValueError(f"need at least 2 slices to split into train and val, got {n}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    return SliceSubset(dataset, sorted(order[n_val:])), SliceSubset(dataset, sorted(order[:n_val]))
 
 
 def search_net(model: nn.Module) -> SearchDenoiser:
@@ -137,155 +85,3 @@ def model_genotype(model: nn.Module, k: int = 2) -> Genotype:
     """Derive the genotype of the model's search net (top-``k`` edges per node)."""
     net = search_net(model)
     return derive_genotype(net.alpha_state(), k=k, channels=net.channels, num_cells=net.num_cells)
-
-
-@dataclass
-class SearchResult:
-    """Per-step losses of a local search; ``final_loss`` averages the last 10% of steps."""
-
-    steps: int
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def final_loss(self) -> float:
-        tail = self.train_losses[-max(1, len(self.train_losses) // 10) :]
-        return float(sum(tail) / max(len(tail), 1))
-
-
-def _loss(model: nn.Module, sample: Sample, loss_fn: LossFn) -> torch.Tensor:
-    physics = sample.physics()
-    return loss_fn(model(sample.kspace, physics), sample, physics)
-
-
-def milenas_grads(
-    model: nn.Module,
-    loss_fn: LossFn,
-    train_batch: Sample,
-    val_batch: Sample,
-    lam: float,
-) -> tuple[float, float]:
-    """Set ``.grad``: θ gets ``∇θ L_tr``, α gets ``∇α L_tr + lam ∇α L_val`` (Eq. 6 / Eq. 7).
-
-    Both gradients are taken at the same ``(θ, α)``. Existing gradients are overwritten.
-    Returns the two loss values ``(L_tr, L_val)``.
-    """
-    alphas = arch_parameters(model)
-    weights = weight_parameters(model)
-    for p in [*alphas, *weights]:
-        p.grad = None
-    with torch.set_grad_enabled(lam != 0):
-        loss_val = _loss(model, val_batch, loss_fn)
-    if not torch.isfinite(loss_val):
-        raise FloatingPointError(f"non-finite validation loss (slice {val_batch.meta})")
-    if lam != 0:
-        # α only: the val loss must not reach θ (mixed-level, not joint training)
-        val_grads = torch.autograd.grad(loss_val, alphas)
-    loss_tr = _loss(model, train_batch, loss_fn)
-    if not torch.isfinite(loss_tr):
-        raise FloatingPointError(
-            f"non-finite training loss (slice {train_batch.meta}); lower the learning rates"
-        )
-    loss_tr.backward()
-    if lam != 0:
-        for a, g in zip(alphas, val_grads):
-            a.grad = lam * g if a.grad is None else a.grad + lam * g
-    return float(loss_tr.detach()), float(loss_val.detach())
-
-
-def milenas_train(
-    model: nn.Module,
-    train_set: Sequence[Sample],
-    val_set: Sequence[Sample],
-    steps: int,
-    lr_w: float = 1e-3,
-    lr_alpha: float = 3e-3,
-    lam: float = 1.0,
-    *,
-    alpha_weight_decay: float = 1e-3,
-    batch_size: int = 1,
-    loss: str = "ssim",
-    seed: int = 0,
-    grad_clip: float | None = None,
-    device: torch.device | str = "cpu",
-    progress: bool | None = None,
-) -> SearchResult:
-    """Local MiLeNAS search: ``steps`` simultaneous updates of θ (Adam) and α (Adam).
-
-    Parameters
-    ----------
-    model : nn.Module
-        Unrolled model called as ``model(y, physics)`` with one search denoiser.
-    train_set, val_set : sequence of Sample
-        The site's two slice sets (:func:`split_train_val`).
-    steps : int
-        Local steps (one train batch and one val batch each).
-    lr_w, lr_alpha : float
-        Learning rates ``η_θ`` and ``η_α``.
-    lam : float
-        ``λ`` (GAutoMRI) / ``β`` (FedAutoMRI): weight of the validation loss in α's update.
-    alpha_weight_decay : float
-        Adam weight decay on α (papers: 1e-3).
-    grad_clip : float, optional
-        Clip θ's gradient norm (α is not clipped).
-
-    Returns
-    -------
-    SearchResult
-        Train and val losses per step.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    torch.manual_seed(seed)
-    loss_fn = get_loss(loss)
-    model.to(device).train()
-    alphas = arch_parameters(model)
-    weights = weight_parameters(model)
-    opt_w = torch.optim.Adam(weights, lr=lr_w)
-    opt_a = torch.optim.Adam(alphas, lr=lr_alpha, weight_decay=alpha_weight_decay)
-    train_batches = iterate_batches(train_set, batch_size, seed)
-    val_batches = iterate_batches(val_set, batch_size, seed + 1)
-    result = SearchResult(steps=steps)
-    t0 = time.perf_counter()
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=steps, desc="search", disable=not show, leave=False) as bar:
-        for _ in range(steps):
-            tr = next(train_batches).to(device)
-            va = next(val_batches).to(device)
-            loss_tr, loss_val = milenas_grads(model, loss_fn, tr, va, lam)
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(weights, grad_clip)
-            opt_w.step()
-            opt_a.step()
-            result.train_losses.append(loss_tr)
-            result.val_losses.append(loss_val)
-            bar.update(1)
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-@torch.no_grad()
-def empirical_risk(
-    model: nn.Module,
-    dataset: Sequence[Sample],
-    loss: str = "ssim",
-    device: torch.device | str = "cpu",
-) -> float:
-    """Mean per-slice loss of ``model`` on ``dataset``: ``ℓ_{D_c}`` of GAutoMRI Eq. 9.
-
-    A client reports ``G_c = risk(global) - risk(its previous local model)``
-    (:func:`strategies.nas_maths.risk_gap`); training mode is restored afterwards.
-    """
-    if len(dataset) == 0:
-        raise ValueError("cannot compute a risk on an empty dataset")
-    loss_fn = get_loss(loss)
-    was_training = model.training
-    model.to(device).eval()
-    total = 0.0
-    for i in range(len(dataset)):
-        total += float(_loss(model, collate([dataset[i]]).to(device), loss_fn))
-    model.train(was_training)
-    return total / len(dataset)

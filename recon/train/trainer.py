@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from recon.data.sample import Sample, collate
+from recon.data.sample import Sample, Slices, collate
 from recon.metrics import nrmse, psnr, ssim
 from recon.models.unrolled import Unrolled
 from recon.physics.fft import ifft2c, rss
@@ -75,7 +75,7 @@ class TrainResult:
 
 
 def iterate_batches(
-    dataset: Sequence[Sample], batch_size: int, seed: int, shuffle: bool = True
+    dataset: Slices, batch_size: int, seed: int, shuffle: bool = True
 ) -> Iterator[Sample]:
     """Endless seeded epochs over ``dataset``; each epoch is a fresh permutation."""
     if len(dataset) == 0:
@@ -143,7 +143,7 @@ def check_finite_loss(loss: torch.Tensor, where: str) -> None:
 
 def train(
     model: Unrolled,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,
@@ -189,7 +189,7 @@ def zero_filled(sample: Sample) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: Unrolled | None,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     device: torch.device | str = "cpu",
     num_unrolls: int | None = None,
     per_unroll: bool = False,
