@@ -8,12 +8,10 @@ at the cost of one extra forward per step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from recon.data.sample import Sample
+from recon.data.sample import Slices
 from recon.models.unrolled import Unrolled
 from recon.physics.sense import SenseOp
 from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, train
@@ -43,7 +41,7 @@ class CheckpointedUnrolled(Unrolled):
 
 def train_checkpointed(
     model: Unrolled,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from recon.data.sample import Sample
+from recon.data.sample import Sample, Slices
 from recon.models.unrolled import Unrolled
 from recon.train.losses import LossFn, get_loss
 from recon.train.trainer import (
@@ -97,7 +97,7 @@ def _per_module(value: object, default: object, num_modules: int, name: str) -> 
 
 def train_gleam(
     model: Unrolled,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from recon.data.sample import Sample
+from recon.data.sample import Sample, Slices
 from recon.models.convex import ConvexNet, convex_net
 from recon.models.denoisers import channels_to_complex, complex_to_channels
 from recon.models.unrolled import Unrolled
@@ -92,7 +91,7 @@ def _prefix(net: ConvexNet, x: torch.Tensor, b: int) -> torch.Tensor:
 
 def train_layerwise(
     model: Unrolled,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,

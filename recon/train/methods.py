@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from recon.data.sample import Sample
+from recon.data.sample import Slices
 from recon.models.unrolled import Unrolled
 from recon.train.checkpointing import train_checkpointed
 from recon.train.gleam import train_gleam
@@ -92,7 +92,7 @@ def method_options(
 def local_train(
     method: str,
     model: Unrolled,
-    dataset: Sequence[Sample],
+    dataset: Slices,
     cfg: TrainConfig,
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,

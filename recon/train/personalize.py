@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from recon.data.sample import Sample
+from recon.data.sample import Sample, Slices
 from recon.models.unrolled import Unrolled
 from recon.train.trainer import TrainConfig, TrainHooks, evaluate, train
 
@@ -54,18 +54,7 @@ class PersonalizeConfig(BaseModel):
     seed: int = 0
 
 
-class _Subset(Sequence[Sample]):
-    def __init__(self, data: Sequence[Sample], idx: list[int]):
-        self.data, self.idx = data, idx
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
-        return self.data[self.idx[i]]
-
-
-def make_folds(dataset: Sequence[Sample], k: int, seed: int = 0) -> list[list[int]]:
+def make_folds(dataset: Slices, k: int, seed: int = 0) -> list[list[int]]:
     """``k`` disjoint index lists covering ``dataset``, grouped by ``meta['file']`` if possible."""
     if len(dataset) < k:
         raise ValueError(f"{k}-fold cross-validation needs at least {k} slices, got {len(dataset)}")
@@ -84,14 +73,14 @@ def make_folds(dataset: Sequence[Sample], k: int, seed: int = 0) -> list[list[in
     return folds
 
 
-def _ssim(model: Unrolled, data: Sequence[Sample], device: str) -> float:
+def _ssim(model: Unrolled, data: Slices, device: str) -> float:
     return float(evaluate(model, data, device)["ssim"])  # type: ignore[arg-type]
 
 
 def _fine_tune_curve(
     global_model: Unrolled,
-    train_set: Sequence[Sample],
-    val_set: Sequence[Sample],
+    train_set: Slices,
+    val_set: Slices,
     lr: float,
     cfg: PersonalizeConfig,
     device: str,
@@ -121,10 +110,10 @@ def _fine_tune_curve(
 
 def personalize(
     global_model: Unrolled,
-    train_set: Sequence[Sample],
+    train_set: Slices,
     cfg: PersonalizeConfig | None = None,
     device: str = "cpu",
-    test_set: Sequence[Sample] | None = None,
+    test_set: Slices | None = None,
     progress: bool | None = None,
 ) -> tuple[Unrolled, dict[str, Any]]:
     """Choose (r_fine, N_fine) by k-fold CV, then fine-tune on all of ``train_set``.
@@ -137,14 +126,15 @@ def personalize(
     t0 = time.perf_counter()
     folds = make_folds(train_set, cfg.folds, cfg.seed)
     all_idx = set(range(len(train_set)))
+    source = cast("Dataset[Sample]", train_set)  # torch types a Subset's source as a Dataset
     curves: dict[str, list[list[float]]] = {}
     total = len(cfg.lrs) * cfg.folds
     with tqdm(total=total, desc="personalize CV", disable=progress is False, leave=False) as bar:
         for lr in cfg.lrs:
             curves[repr(lr)] = []
             for held_out in folds:
-                fit = _Subset(train_set, sorted(all_idx - set(held_out)))
-                val = _Subset(train_set, held_out)
+                fit = Subset(source, sorted(all_idx - set(held_out)))
+                val = Subset(source, held_out)
                 curves[repr(lr)].append(_fine_tune_curve(global_model, fit, val, lr, cfg, device))
                 bar.update(1)
     mean_curves = {lr: np.mean(c, axis=0).tolist() for lr, c in curves.items()}
@@ -189,6 +179,6 @@ def personalize(
     return model, report
 
 
-def _metrics(model: Unrolled, data: Sequence[Sample], device: str) -> dict[str, float]:
+def _metrics(model: Unrolled, data: Slices, device: str) -> dict[str, float]:
     out = evaluate(model, data, device)
     return {k: float(out[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
