@@ -41,6 +41,10 @@ from strategies.protocol import (
     validate_metrics,
 )
 
+# Seconds without a new node, once min-available-clients are connected, after which the run
+# stops waiting for data.num-sites (Federation.wait_for_expected_sites).
+SETTLE_SECONDS = 5.0
+
 
 class NodesUnavailable(RuntimeError):
     """Fewer nodes connected than the run needs, after the bounded wait."""
@@ -234,25 +238,46 @@ class Federation:
         )
 
     # --- the run ------------------------------------------------------------------------------
-    def wait_for_expected_sites(self, poll: float = 0.5) -> None:
-        """Give every expected site (``data.num-sites``) until ``node-wait-timeout`` to connect.
+    def wait_for_expected_sites(self, poll: float = 0.5, settle: float = SETTLE_SECONDS) -> None:
+        """Wait for the sites that are coming, at most ``node-wait-timeout``.
 
         Without this, round 1 starts as soon as ``min-available-clients`` nodes are up and a
-        site that connects a moment later misses it. When the time is up the run starts with
-        the sites it has (the per-round wait then enforces ``min-available-clients``).
+        site that connects a moment later misses it. Returns at once when ``data.num-sites``
+        nodes are connected. The federation actually running may have fewer nodes (``flwr run
+        .`` on Flower's default simulation of 2 SuperNodes, a deployment with a site down):
+        once ``min-available-clients`` are connected and their number has not changed for
+        ``settle`` s, the run starts with them (a later site joins the next round). After
+        ``node-wait-timeout`` the run starts with what it has; the per-round wait then
+        enforces ``min-available-clients``.
         """
         expected = self.cfg.data.num_sites
-        deadline = time.monotonic() + self.cfg.federation.node_wait_timeout
-        while len(list(self.grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        timeout = self.cfg.federation.node_wait_timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        count, changed = len(list(self.grid.get_node_ids())), now
+        while count < expected and now < deadline:
+            if count >= self._needed() and now - changed >= settle:
+                break
             time.sleep(poll)
-        connected = len(list(self.grid.get_node_ids()))
-        if connected < expected:
+            now = time.monotonic()
+            latest = len(list(self.grid.get_node_ids()))
+            if latest != count:
+                count, changed = latest, now
+        if count < expected:
+            why = (
+                f"node-wait-timeout {timeout:.0f} s"
+                if now >= deadline
+                else f"no other node connected for {settle:.0f} s"
+            )
             log(
                 WARNING,
-                "starting with %d of %d expected sites (node-wait-timeout %.0f s)",
-                connected,
+                "starting with %d of %d expected sites (data.num-sites; %s). In a simulation "
+                "the number of SuperNodes sets the sites: flwr run . --federation-config "
+                '"num-supernodes=%d"',
+                count,
                 expected,
-                self.cfg.federation.node_wait_timeout,
+                why,
+                expected,
             )
 
     def run(self, progress: Progress) -> Progress:
