@@ -39,7 +39,7 @@ def _normalized(weights: Sequence[float], n: int) -> list[float]:
     return [x / total for x in w]
 
 
-def _check_same_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
+def check_same_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
     first = updates[0]
     for i, u in enumerate(updates[1:], start=1):
         if list(u) != list(first):
@@ -87,7 +87,7 @@ def fedavg(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
         the rounded weighted mean (``np.rint``), cast back to their dtype.
     """
     w = _normalized(weights, len(updates))
-    _check_same_layout(updates)
+    check_same_layout(updates)
     return {
         key: _cast_like(_weighted_sum([u[key] for u in updates], w), first.dtype)
         for key, first in updates[0].items()
@@ -240,8 +240,8 @@ def scaffold_server_update(
     if not 0 < n <= num_clients:
         raise ValueError(f"need 0 < |S| <= N, got |S|={n}, N={num_clients}")
     w = _normalized([1.0] * n if weights is None else weights, n)
-    _check_same_layout([global_arrays, *client_arrays])
-    _check_same_layout([c_global, *c_deltas])
+    check_same_layout([global_arrays, *client_arrays])
+    check_same_layout([c_global, *c_deltas])
 
     x_new: Arrays = {}
     for key, x in global_arrays.items():
