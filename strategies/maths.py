@@ -52,7 +52,7 @@ def check_same_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
 def _weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Sum_k w_k a_k accumulated in float64 (complex128 for complex input)."""
     acc_dtype = np.complex128 if arrays[0].dtype.kind == "c" else np.float64
-    acc = np.zeros(arrays[0].shape, dtype=acc_dtype)
+    acc: np.ndarray[Any, np.dtype[Any]] = np.zeros(arrays[0].shape, dtype=acc_dtype)
     for a, w in zip(arrays, weights):
         acc += np.asarray(a, dtype=acc_dtype) * w
     return acc
