@@ -39,8 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from client.state import RoundFiles
 from recon.config import RunConfig
 from recon.models import Unrolled, build_model
-from recon.models.unrolled import MoDL, UnrolledPGD
-from recon.nas import Genotype, alpha_state, build_from_genotype, load_alpha_state
+from recon.nas import Genotype, alpha_state, load_alpha_state
 from recon.train import empirical_risk, milenas_train, split_train_val
 from strategies import nas_maths
 from strategies.protocol import ARRAYS, NAS_ALPHA, NAS_GENOTYPE, NUM_EXAMPLES, to_numpy, to_record
@@ -61,23 +60,7 @@ def genotype_of(config: ConfigRecord) -> Genotype | None:
 
 def build_site_model(cfg: RunConfig, config: ConfigRecord) -> Unrolled:
     """``build_model(cfg.model)``, with the derived denoiser of the message's genotype if sent."""
-    genotype = genotype_of(config)
-    if genotype is None:
-        return build_model(cfg.model.to_model_config())
-    return build_genotype_model(cfg, genotype)
-
-
-def build_genotype_model(cfg: RunConfig, genotype: Genotype) -> Unrolled:
-    """The unrolled network of ``cfg.model`` with ``genotype``'s derived denoiser."""
-    m = cfg.model
-    if m.arch == "modl":
-        den = (
-            build_from_genotype(genotype)
-            if m.shared
-            else [build_from_genotype(genotype) for _ in range(m.num_unrolls)]
-        )
-        return MoDL(den, num_unrolls=m.num_unrolls, cg_iters=m.cg_iters, lam_init=m.lam_init)
-    return UnrolledPGD([build_from_genotype(genotype) for _ in range(m.num_unrolls)])
+    return build_model(cfg.model.to_model_config(), genotype=genotype_of(config))
 
 
 # --- risk gap ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from recon.config import RunConfig, parse_run_config
-from recon.models import count_parameters
+from recon.models import build_model, count_parameters
 from recon.models.checkpoint import save_checkpoint
 from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
@@ -73,10 +73,8 @@ def initial_model(cfg: RunConfig, genotype: Any = None) -> torch.nn.Module:
     ``genotype`` (a searched denoiser, :mod:`server.nas`) replaces the configured denoiser.
     """
     if genotype is not None:
-        from client.nas import build_genotype_model
-
         torch.manual_seed(cfg.train.seed)
-        return build_genotype_model(cfg, genotype)
+        return build_model(cfg.model.to_model_config(), genotype=genotype)
     return baseline_start(cfg.model.to_model_config(), cfg.train.seed)
 
 

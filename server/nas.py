@@ -13,7 +13,7 @@ With ``model.denoiser = "nas"``:
 
 Either way the training phase trains the derived network from scratch, and every message of
 it carries the genotype as JSON (``nas.genotype``) so that every site builds the same network
-(:func:`client.nas.build_site_model`), whatever its file system.
+(``recon.models.build_model(..., genotype=...)``), whatever its file system.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client.nas import build_genotype_model
 from recon.config import RunConfig
+from recon.fileio import atomic_open, atomic_write_json
 from recon.models import build_model, count_parameters
 from recon.nas import Genotype, alpha_state, derive_genotype
 from recon.nas.search import search_net
@@ -93,7 +93,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
         strategy.alpha, k=cfg.nas.top_k, channels=net.channels, num_cells=net.num_cells
     )
     model.load_state_dict(progress.arrays.to_torch_state_dict())
-    derived = build_genotype_model(cfg, genotype)
+    derived = build_model(cfg.model.to_model_config(), genotype=genotype)
     summary = {
         "rounds": progress.rounds,
         "alpha": {k: np.asarray(v).tolist() for k, v in strategy.alpha.items()},
@@ -104,8 +104,9 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
         },
         "rejected": [r._asdict() for r in strategy.rejected],
     }
-    (sdir / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
-    np.savez(sdir / "alpha.npz", **to_numpy(to_record(strategy.alpha)))
+    atomic_write_json(sdir / "search.json", summary)
+    with atomic_open(sdir / "alpha.npz") as f:
+        np.savez(f, **to_numpy(to_record(strategy.alpha)))
     genotype.save(out / GENOTYPE_FILE)
     log(INFO, "search: genotype written to %s", out / GENOTYPE_FILE)
     return genotype

@@ -194,7 +194,7 @@ def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
 
     from test_app_support import context, message
 
-    from client.nas import build_genotype_model
+    from recon.models import build_model
     from recon.models.checkpoint import load_checkpoint
     from recon.nas import PUBLISHED
     from strategies.protocol import NAS_GENOTYPE, to_record
@@ -212,7 +212,7 @@ def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
         },
     )
     cfg = parse_run_config(flat)
-    model = build_genotype_model(cfg, PUBLISHED)
+    model = build_model(cfg.model.to_model_config(), genotype=PUBLISHED)
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     config = {NAS_GENOTYPE: json.dumps(PUBLISHED.to_dict())}
     msg = message(to_record(arrays), config, message_type="train.personalize")

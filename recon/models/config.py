@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recon.models.denoisers import build_denoiser
 from recon.models.unrolled import MoDL, Unrolled, UnrolledPGD
+from recon.nas.genotype import Genotype
 from recon.nas.search import build_nas_denoiser
 
 
@@ -41,17 +42,27 @@ class ModelConfig(BaseModel):
     convex_kernel: int = Field(7, ge=1)
 
 
-def build_model(cfg: ModelConfig | None = None, **overrides: object) -> Unrolled:
-    """Build MoDL or unrolled PGD from a :class:`ModelConfig` (keyword overrides allowed)."""
+def build_model(
+    cfg: ModelConfig | None = None, *, genotype: Genotype | None = None, **overrides: object
+) -> Unrolled:
+    """Build MoDL or unrolled PGD from a :class:`ModelConfig` (keyword overrides allowed).
+
+    ``genotype`` (a searched cell structure, GAutoMRI Algorithm 2) gives every denoiser the
+    derived network of that genotype, whatever ``cfg.denoiser`` says: how the server and every
+    site build the network of a training phase that follows a federated search.
+    """
     cfg = (
         (cfg or ModelConfig()).model_copy(update=overrides) if overrides else (cfg or ModelConfig())
     )
     cfg = ModelConfig.model_validate(cfg.model_dump())  # re-validate the overrides
 
-    if cfg.denoiser == "nas" and cfg.nas_genotype is None and not cfg.shared:
+    searched = genotype is None and cfg.denoiser == "nas" and cfg.nas_genotype is None
+    if searched and not cfg.shared:
         raise ValueError("model.denoiser='nas' without a genotype (search) needs model.shared=true")
 
     def make():
+        if genotype is not None:
+            return build_nas_denoiser(genotype)
         if cfg.denoiser == "nas":
             return build_nas_denoiser(
                 cfg.nas_genotype, cfg.nas_channels, cfg.nas_cells, cfg.nas_nodes
