@@ -46,6 +46,26 @@ from strategies.protocol import (
 SETTLE_SECONDS = 5.0
 
 
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float
+) -> tuple[list[tuple[Message, int]], list[int]]:
+    """Send ``messages`` and wait at most ``timeout`` s for the replies.
+
+    Returns the (reply, node) pairs and the nodes that did not reply. A reply is attributed to
+    the node its message was sent to (``reply_to_message_id``, see
+    :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink answers
+    for a dead node with an error reply of its own.
+    """
+    if not messages:
+        return [], []
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = sent_nodes(messages)  # message ids are set by the grid on push
+    pairs = [(r, reply_node(r, sent)) for r in replies]
+    replied = {node for _, node in pairs}
+    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
+    return pairs, missing
+
+
 class NodesUnavailable(RuntimeError):
     """Fewer nodes connected than the run needs, after the bounded wait."""
 
@@ -132,24 +152,8 @@ class Federation:
         return self.cfg.federation.min_available_clients
 
     def _exchange(self, messages: list[Message]) -> tuple[list[tuple[Message, int]], list[int]]:
-        """Send, wait at most ``round-timeout``; returns (reply, node) pairs and silent nodes.
-
-        A reply is attributed to the node its message was sent to (``reply_to_message_id``,
-        see :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink
-        answers for a dead node with an error reply of its own.
-        """
-        if not messages:
-            return [], []
-        replies = list(
-            self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
-        )
-        sent = sent_nodes(messages)  # message ids are set by the grid on push
-        pairs = [(r, reply_node(r, sent)) for r in replies]
-        replied = {node for _, node in pairs}
-        missing = [
-            m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied
-        ]
-        return pairs, missing
+        """:func:`exchange` on the run's grid, waiting at most ``round-timeout``."""
+        return exchange(self.grid, messages, self.cfg.federation.round_timeout)
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
@@ -330,4 +334,4 @@ class Federation:
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
 
 
-__all__ = ["Federation", "NodesUnavailable", "NotEnoughReplies", "Progress"]
+__all__ = ["Federation", "NodesUnavailable", "NotEnoughReplies", "Progress", "exchange"]

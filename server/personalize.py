@@ -30,6 +30,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from recon.config import RunConfig
+from server.federation import exchange
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
@@ -48,21 +49,6 @@ from strategies.protocol import (
     ReplyError,
     validate_metrics,
 )
-
-
-def _exchange(
-    grid: Grid, messages: list[Message], timeout: float
-) -> tuple[list[tuple[Message, int]], list[int]]:
-    """Send and wait; (reply, node) pairs attributed through ``reply_to_message_id``, and the
-    nodes that did not reply."""
-    if not messages:
-        return [], []
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    pairs = [(r, sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in replies]
-    replied = {n for _, n in pairs}
-    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
-    return pairs, missing
 
 
 class TrainingGrid(Grid):
@@ -88,7 +74,7 @@ class TrainingGrid(Grid):
             Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=n, message_type=SITE_QUERY)
             for n in new
         ]
-        pairs, missing = _exchange(self.grid, msgs, self.timeout)
+        pairs, missing = exchange(self.grid, msgs, self.timeout)
         for reply, node in pairs:
             self.unseen[node] = False
             if reply.has_error():
@@ -214,7 +200,7 @@ def personalization_phase(
         for n in nodes
     ]
     log(INFO, "personalization: %d site(s), CV grid lrs=%s", len(nodes), cfg.personalize.lrs)
-    pairs, missing = _exchange(grid, msgs, cfg.personalize.timeout)
+    pairs, missing = exchange(grid, msgs, cfg.personalize.timeout)
     out: dict[str, dict[str, Any]] = {}
     for reply, node in pairs:
         seen = not unseen.get(node, False)
