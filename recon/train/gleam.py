@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,86 @@ def _per_module(value: object, default: object, num_modules: int, name: str) -> 
     return values
 
 
+@dataclass
+class _Modules:
+    """GLEAM's ``M`` modules: each one's unrolls, device, weights, optimiser and local loss."""
+
+    groups: list[range]  # unroll indices of module m
+    devices: list[torch.device]  # module m runs on devices[m]
+    params: list[list[nn.Parameter]]  # module m's trainable weights (disjoint)
+    opts: list[torch.optim.Optimizer]
+    loss_fns: list[LossFn]
+    frozen: list[nn.Parameter]  # data consistency (lam, t_i), shared by all modules
+    block_size: int  # D: modules run side by side (P-GLEAM); 1 for GLEAM
+
+
+def _place_modules(
+    model: Unrolled,
+    denoisers: list[nn.Module],
+    groups: list[range],
+    mod_dev: list[torch.device],
+) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """Move each module's denoisers to its device; return each module's weights and the frozen
+    data-consistency parameters (everything else)."""
+    model.to(mod_dev[0]).train()
+    params: list[list[nn.Parameter]] = []
+    seen: set[int] = set()
+    for m, group in enumerate(groups):
+        ps = []
+        for i in group:
+            denoisers[i].to(mod_dev[m])
+            ps += [p for p in denoisers[i].parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in denoisers[i].parameters())
+        params.append(ps)
+    frozen = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
+    if len(set(mod_dev)) > 1:
+        # Frozen scalars as CPU tensors mix with tensors on any device (lam * z on cuda:1).
+        for p in frozen:
+            p.data = p.data.cpu()
+    return params, frozen
+
+
+def _build_modules(
+    model: Unrolled,
+    cfg: TrainConfig,
+    device: torch.device | str,
+    num_modules: int | None,
+    devices: Sequence[torch.device | str] | None,
+    lrs: float | Sequence[float] | None,
+    losses: str | Sequence[str] | None,
+) -> _Modules:
+    """Split the unrolls into modules (Eq. 10), place them (Alg. 2) and give each its Adam."""
+    n_mod = model.num_unrolls if num_modules is None else num_modules
+    groups = split_modules(model.num_unrolls, n_mod)
+    denoisers = unroll_denoisers(model, n_mod)
+    devs = [torch.device(d) for d in (devices or [device])]
+    mod_dev = [devs[m % len(devs)] for m in range(n_mod)]
+    loss_fns: list[LossFn] = [get_loss(n) for n in _per_module(losses, cfg.loss, n_mod, "losses")]
+    lr_list = [float(v) for v in _per_module(lrs, cfg.lr, n_mod, "lrs")]
+    params, frozen = _place_modules(model, denoisers, groups, mod_dev)
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.Adam(ps, lr=lr, weight_decay=cfg.weight_decay)
+        for ps, lr in zip(params, lr_list)
+    ]
+    return _Modules(groups, mod_dev, params, opts, loss_fns, frozen, len(devs))
+
+
+@contextmanager
+def _frozen(
+    model: Unrolled, frozen: list[nn.Parameter], device: torch.device | str
+) -> Iterator[None]:
+    """Freeze the data-consistency parameters for the run; afterwards (also on error) unfreeze
+    them and move the model to ``device``."""
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.to(device)
+
+
 def train_gleam(
     model: Unrolled,
     dataset: Slices,
@@ -134,67 +215,20 @@ def train_gleam(
     """
     torch.manual_seed(cfg.seed)
     hooks = hooks or TrainHooks()
-    n_mod = model.num_unrolls if num_modules is None else num_modules
-    groups = split_modules(model.num_unrolls, n_mod)
-    denoisers = unroll_denoisers(model, n_mod)
-    devs = [torch.device(d) for d in (devices or [device])]
-    mod_dev = [devs[m % len(devs)] for m in range(n_mod)]
-    loss_fns: list[LossFn] = [get_loss(n) for n in _per_module(losses, cfg.loss, n_mod, "losses")]
-    lr_list = [float(v) for v in _per_module(lrs, cfg.lr, n_mod, "lrs")]
-
-    # Module parameters (disjoint); everything else (lam, t_i) is frozen data consistency.
-    model.to(devs[0]).train()
-    params: list[list[nn.Parameter]] = []
-    seen: set[int] = set()
-    for m, group in enumerate(groups):
-        ps = []
-        for i in group:
-            denoisers[i].to(mod_dev[m])
-            ps += [p for p in denoisers[i].parameters() if p.requires_grad and id(p) not in seen]
-            seen.update(id(p) for p in denoisers[i].parameters())
-        params.append(ps)
-    frozen = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
-    if len(set(mod_dev)) > 1:
-        # Frozen scalars as CPU tensors mix with tensors on any device (lam * z on cuda:1).
-        for p in frozen:
-            p.data = p.data.cpu()
-    opts = [
-        torch.optim.Adam(ps, lr=lr, weight_decay=cfg.weight_decay)
-        for ps, lr in zip(params, lr_list)
-    ]
+    mods = _build_modules(model, cfg, device, num_modules, devices, lrs, losses)
     steps = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
     batches = iterate_batches(dataset, cfg.batch_size, cfg.seed)
-    result = GleamResult(steps=steps, num_modules=n_mod)
-    for p in frozen:
-        p.requires_grad_(False)
+    result = GleamResult(steps=steps, num_modules=len(mods.groups))
     t0 = time.perf_counter()
-    try:
-        with _progress(steps, desc, progress) as bar:
-            for step in range(steps):
-                sample = next(batches)
-                step_losses = _gleam_step(
-                    model,
-                    sample,
-                    groups,
-                    mod_dev,
-                    params,
-                    opts,
-                    loss_fns,
-                    hooks,
-                    cfg,
-                    step,
-                    len(devs),
-                )
-                result.module_losses.append(step_losses)
-                result.losses.append(step_losses[-1])
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
-                if hooks.after_step is not None and hooks.after_step(step + 1):
-                    break
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        model.to(device)
+    with _frozen(model, mods.frozen, device), _progress(steps, desc, progress) as bar:
+        for step in range(steps):
+            step_losses = _gleam_step(model, next(batches), mods, hooks, cfg, step)
+            result.module_losses.append(step_losses)
+            result.losses.append(step_losses[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+            if hooks.after_step is not None and hooks.after_step(step + 1):
+                break
     result.steps = len(result.losses)
     result.seconds = time.perf_counter() - t0
     return result
@@ -203,31 +237,27 @@ def train_gleam(
 def _gleam_step(
     model: Unrolled,
     sample: Sample,
-    groups: list[range],
-    mod_dev: list[torch.device],
-    params: list[list[nn.Parameter]],
-    opts: Sequence[torch.optim.Optimizer],
-    loss_fns: list[LossFn],
+    mods: _Modules,
     hooks: TrainHooks,
     cfg: TrainConfig,
     step: int,
-    block_size: int,
 ) -> list[float]:
-    """One mini-batch through all modules in blocks of ``D = block_size`` (Alg. 2 lines 2-14;
+    """One mini-batch through all modules in blocks of ``D = mods.block_size`` (Alg. 2 lines 2-14;
     Alg. 1 when ``D = 1``)."""
+    groups, mod_dev = mods.groups, mods.devices
     data = {d: sample.to(d) for d in set(mod_dev)}
     ops = {d: s.physics() for d, s in data.items()}
     x = model.init(data[mod_dev[0]].kspace, ops[mod_dev[0]])  # x^(0) = A^H y, no weights
     detached: list[torch.Tensor] = []
-    for start in range(0, len(groups), block_size):
-        block = range(start, min(start + block_size, len(groups)))
+    for start in range(0, len(groups), mods.block_size):
+        block = range(start, min(start + mods.block_size, len(groups)))
         pending: list[torch.Tensor] = []
         for m in block:  # Alg. 2 lines 3-8: forwards, each output detached and sent on
             d = mod_dev[m]
             x = x.detach().to(d)
             for i in groups[m]:
                 x = model.step(i, x, data[d].kspace, ops[d])
-            loss = loss_fns[m](x, data[d], ops[d])
+            loss = mods.loss_fns[m](x, data[d], ops[d])
             if hooks.regularizer is not None:
                 loss = loss + hooks.regularizer(model).to(loss.device)
             pending.append(loss)
@@ -239,7 +269,9 @@ def _gleam_step(
         for loss, where in zip(pending, wheres):
             check_finite_loss(loss, where)
         for m, loss, where in zip(block, pending, wheres):  # lines 9-13: backward and update
-            optimizer_step(loss, model, params[m], opts[m], hooks, cfg.grad_clip, where, False)
+            optimizer_step(
+                loss, model, mods.params[m], mods.opts[m], hooks, cfg.grad_clip, where, False
+            )
             detached.append(loss.detach())
         del pending, loss  # free the finished modules' graphs before the next block
     return [float(v) for v in detached]
