@@ -8,8 +8,38 @@ as the reference's maximum per image (as fastMRI does per volume). The tests che
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch.nn import functional as F
+
+METRIC_KEYS = ("ssim", "nrmse", "psnr")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Mean SSIM / NRMSE / PSNR on the RSS magnitude over ``n`` slices (``recon.train.evaluate``).
+
+    ``per_slice`` holds each slice's three values; ``psnr_per_unroll`` the mean PSNR after every
+    unroll (GLEAM Fig. 9), only when asked for. ``m["psnr"]`` reads a field by name.
+    """
+
+    ssim: float
+    nrmse: float
+    psnr: float
+    n: int
+    per_slice: list[dict[str, float]] = field(default_factory=list)
+    psnr_per_unroll: list[float] | None = None
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix + "ssim": ..., prefix + "nrmse": ..., prefix + "psnr": ...}``."""
+        return {f"{prefix}{k}": float(getattr(self, k)) for k in METRIC_KEYS}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.__dataclass_fields__ or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:

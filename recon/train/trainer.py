@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recon.data.sample import Sample, Slices, collate
-from recon.metrics import nrmse, psnr, ssim
+from recon.metrics import METRIC_KEYS, Metrics, nrmse, psnr, ssim
 from recon.models.unrolled import Unrolled
 from recon.physics.fft import ifft2c, rss
 from recon.train.losses import get_loss
@@ -193,12 +193,12 @@ def evaluate(
     device: torch.device | str = "cpu",
     num_unrolls: int | None = None,
     per_unroll: bool = False,
-) -> dict[str, object]:
+) -> Metrics:
     """Mean SSIM / NRMSE / PSNR on RSS magnitude over ``dataset``, slice by slice.
 
     ``model=None`` evaluates the zero-filled reconstruction. ``num_unrolls`` runs early-exit
-    inference (``N_inf``); ``per_unroll`` adds the PSNR after every unroll (GLEAM Fig. 9).
-    Returns ``{"ssim", "nrmse", "psnr", "n", "per_slice": [...], "psnr_per_unroll": [...]}``.
+    inference (``N_inf``); ``per_unroll`` adds the PSNR after every unroll (GLEAM Fig. 9,
+    ``Metrics.psnr_per_unroll``).
     """
     if model is not None:
         model.to(device).eval()
@@ -228,13 +228,17 @@ def evaluate(
         )
     if not rows:
         raise ValueError("cannot evaluate on an empty dataset")
-    out: dict[str, object] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    out["n"] = len(rows)
-    out["per_slice"] = rows
-    if curves:
-        out["psnr_per_unroll"] = [
-            sum(c[j] for c in curves) / len(curves) for j in range(len(curves[0]))
-        ]
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in METRIC_KEYS}
+    curve = (
+        [sum(c[j] for c in curves) / len(curves) for j in range(len(curves[0]))] if curves else None
+    )
     if model is not None:
         model.train()
-    return out
+    return Metrics(
+        ssim=means["ssim"],
+        nrmse=means["nrmse"],
+        psnr=means["psnr"],
+        n=len(rows),
+        per_slice=rows,
+        psnr_per_unroll=curve,
+    )
