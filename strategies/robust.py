@@ -51,9 +51,14 @@ def _check_updates(
     """Same keys, shapes and dtypes (as each other and as ``reference``); see ``_check_arrays``."""
     if len(updates) == 0:
         raise ValueError("nothing to aggregate: no updates")
+    check_same_layout(updates)
     first = updates[0] if reference is None else reference
-    check_same_layout([first, *updates])
     if reference is not None:
+        if list(reference) != list(updates[0]):
+            raise ValueError(f"reference has keys {list(reference)}, updates {list(updates[0])}")
+        for key, a in reference.items():
+            if a.shape != updates[0][key].shape:
+                raise ValueError(f"reference[{key!r}]: shape {a.shape} != {updates[0][key].shape}")
         _check_arrays("reference", reference)
     for i, u in enumerate(updates):
         _check_arrays(f"update {i}", u)

@@ -330,6 +330,10 @@ def test_malformed_updates_raise():
         ):
             with pytest.raises(ValueError):
                 fn(ups)
+    with pytest.raises(ValueError, match=r"update 2\['w'\]: shape"):
+        robust.coordinate_median([a, a, {"w": np.ones(3, np.float32)}])
+    with pytest.raises(ValueError, match=r"reference\['w'\]: shape"):
+        robust.update_norms([a], {"w": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match="delta"):
         robust.clip_to_norm({"w": np.array([np.nan])}, 1.0)
 
