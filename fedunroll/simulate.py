@@ -41,6 +41,24 @@ FLWR_ENV = {
 }
 CONNECTION = "fedunroll"
 PACKAGES = ("recon", "strategies", "server", "client")
+# Third-party output that says nothing to a fedunroll user, kept out of the terminal (the run's
+# simulation.log keeps every line): Flower's note on its default federation size and its resize
+# hint (here the size is --num-sites), and its end-of-simulation actor shutdown notice.
+QUIET_LINES = (
+    "default simulated SuperNodes changed from 10 to 2",
+    "To change federation size, use the following command",
+    "flwr federation simulation-config ",
+    "Manually terminating ClientAppActor",
+)
+# Python warnings filters for the SuperLink, the simulation and Ray (PYTHONWARNINGS): Ray's
+# FutureWarning "Tip: ... will no longer override accelerator visible devices" on every start.
+QUIET_WARNINGS = ("ignore::FutureWarning:ray._private.worker",)
+
+
+def child_warnings(environ: Mapping[str, str] = os.environ) -> str:
+    """``PYTHONWARNINGS`` for the children: ours first, so the user's own (later) ones win."""
+    own = environ.get("PYTHONWARNINGS", "")
+    return ",".join([*QUIET_WARNINGS, *([own] if own else [])])
 
 
 class SimulationError(RuntimeError):
@@ -323,9 +341,13 @@ def _wait_health(port: int, proc: Any, timeout: float, log_path: Path) -> None:
     )
 
 
-def _pump(src: IO[str], sinks: list[IO[str]]) -> None:
+def _pump(src: IO[str], sinks: list[IO[str]], terminal: tuple[IO[str], ...] = ()) -> None:
+    """Copy ``src`` line by line to ``sinks``; the ``terminal`` ones skip :data:`QUIET_LINES`."""
     for line in src:
+        noise = any(q in line for q in QUIET_LINES)
         for s in sinks:
+            if noise and s in terminal:
+                continue
             try:
                 s.write(line)
                 s.flush()
@@ -413,7 +435,12 @@ def run_simulation(
     # PATH, so a venv that is not activated (`.venv/bin/fedunroll`, `make test`) still works.
     bindir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
-    env = {**FLWR_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}
+    env = {
+        **FLWR_ENV,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": path,
+        "PYTHONWARNINGS": child_warnings(),
+    }
     with tempfile.TemporaryDirectory(prefix="fedunroll-app-") as staging, _sigterm_as_interrupt():
         app = app_dir(Path(staging))
         with ProcessGroup(env) as group, open(log_path, "a") as log, open(superlink_log, "a") as sl:
@@ -451,7 +478,7 @@ def run_simulation(
                 text=True,
             )
             sinks: list[IO[str]] = [log] if quiet else [log, out]
-            pump = threading.Thread(target=_pump, args=(runner.stdout, sinks), daemon=True)
+            pump = threading.Thread(target=_pump, args=(runner.stdout, sinks, (out,)), daemon=True)
             pump.start()
             while runner.poll() is None:
                 group.watch()

@@ -147,3 +147,43 @@ def test_flwr_run_dot(tmp_path: Path) -> None:
     assert sorted(res["rounds"][0]["train"]) == [f"site{k}" for k in range(sites)], text[-3000:]
     assert took < 90, f"flwr run . took {took:.0f} s (a node-wait-timeout wait?)"
     assert "default simulated SuperNodes" not in text or f"({sites} simulated" in text
+
+
+# --- fedunroll simulate keeps third-party noise out of the terminal -----------------------------
+def test_pump_keeps_quiet_lines_out_of_the_terminal_only() -> None:
+    import io
+
+    from fedunroll.simulate import _pump
+
+    src = io.StringIO(
+        "INFO: round 1/1 done\n"
+        "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from "
+        "10 to 2.\n"
+        "WARNING: starting with 2 of 4 expected sites\n"
+    )
+    log, term = io.StringIO(), io.StringIO()
+    _pump(src, [log, term], (term,))
+    assert log.getvalue().count("\n") == 3
+    assert term.getvalue() == "INFO: round 1/1 done\nWARNING: starting with 2 of 4 expected sites\n"
+
+
+def test_child_warnings_silence_rays_tip_but_not_our_warnings() -> None:
+    from fedunroll.simulate import child_warnings
+
+    code = (
+        "import warnings\n"
+        "warnings.warn_explicit('Tip: Ray', FutureWarning, 'worker.py', 1, "
+        "module='ray._private.worker')\n"
+        "warnings.warn_explicit('ours', FutureWarning, 'cli.py', 1, module='fedunroll.cli')\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": child_warnings({})}
+    err = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stderr
+    assert "ours" in err and "Tip: Ray" not in err
+    # the user's own filter comes last and wins
+    env["PYTHONWARNINGS"] = child_warnings({"PYTHONWARNINGS": "always::FutureWarning"})
+    err = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stderr
+    assert "Tip: Ray" in err
