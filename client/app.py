@@ -214,7 +214,7 @@ def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Messag
         hooks.after_backward, grad_sum, counts = _scaffold_hook(model, c_global, c_local)
 
     steps = cfg.local_steps
-    train_cfg = cfg.train.train_config(steps, seed)
+    train_cfg = cfg.train.model_copy(update={"steps": steps, "seed": seed})
     options = cfg.method_options(site.gleam_devices)  # P-GLEAM over the site's GPUs, if set
     result = local_train(
         cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options

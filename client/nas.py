@@ -60,7 +60,7 @@ def genotype_of(config: ConfigRecord) -> Genotype | None:
 
 def build_site_model(cfg: RunConfig, config: ConfigRecord) -> Unrolled:
     """``build_model(cfg.model)``, with the derived denoiser of the message's genotype if sent."""
-    return build_model(cfg.model.to_model_config(), genotype=genotype_of(config))
+    return build_model(cfg.model, genotype=genotype_of(config))
 
 
 # --- risk gap ---------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def search_train(
 ) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
     """One site's local MiLeNAS search; returns the reply records and metrics."""
     t0 = time.perf_counter()
-    model = build_model(cfg.model.to_model_config())
+    model = build_model(cfg.model)
     model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
     load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
     model.to(device)

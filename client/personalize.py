@@ -127,7 +127,7 @@ def personalize_handler(msg: Message, context: Context) -> Message:
         )
         folder = Path(site.state_path) / ".fedunroll"
         folder.mkdir(parents=True, exist_ok=True)
-        model_cfg = cfg.model.to_model_config()
+        model_cfg = cfg.model
         genotype = genotype_of(config)
         if genotype is not None:  # a searched denoiser: the checkpoint must name its genotype
             path = genotype.save(folder / GENOTYPE_FILE)

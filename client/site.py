@@ -114,7 +114,7 @@ def parse_devices(value: object) -> tuple[str, ...]:
 
 def _split_kwargs(cfg: RunConfig, split: str) -> dict[str, Any]:
     max_slices = (cfg.data.max_train_slices or None) if split == "train" else None
-    # horizontal-readout files (attribute ``readout``) are rotated (DataSection.dataset_kwargs)
+    # horizontal-readout files (attribute ``readout``) are rotated (DataConfig.dataset_kwargs)
     return cfg.data.dataset_kwargs(max_slices=max_slices)
 
 

@@ -12,8 +12,9 @@ import sys
 # Modules exposing ``register(subparsers)``; each adds subcommands with ``set_defaults(func=...)``.
 COMMAND_MODULES = [
     "fedunroll.data",  # synth, prepare
-    "fedunroll.jobs",  # train, recon, demo
+    "fedunroll.jobs",  # train, recon, personalize
     "fedunroll.federation",  # simulate, report
+    "fedunroll.overrides",  # config
 ]
 
 

@@ -16,15 +16,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "SuperLink started and always stopped by this command. Without arguments: generate "
         "the embedded synthetic sites if missing, federate 4 non-IID sites with Scaffold and "
         "print SSIM/NRMSE/PSNR per site for the federated model, zero-filled and local-only "
-        "training. Keys: see [tool.flwr.app.config] in pyproject.toml (e.g. strategy.name, "
-        "num-server-rounds, train.local-steps, model.num-unrolls, data.root).",
+        "training. Keys are the one run config's, the same as for `fedunroll train` "
+        "(e.g. strategy.name, num-server-rounds, train.local-steps, model.num-unrolls, "
+        "data.root): `fedunroll config` lists every key with its default and one line of help.",
     )
     p.add_argument("--config", metavar="FILE.toml", help="TOML overrides (e.g. configs/iid.toml)")
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override one key, e.g. --set strategy.name=fedavg --set num-server-rounds=5",
+        help="override one run-config key, e.g. --set strategy.name=fedavg --set "
+        "num-server-rounds=5 (see `fedunroll config`)",
     )
     p.add_argument("--out", help="parent folder of the run directory (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its checkpoint")

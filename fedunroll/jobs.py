@@ -6,158 +6,59 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import TYPE_CHECKING, Any
 
 from recon.runtime import resolve_device
 
+if TYPE_CHECKING:
+    from recon.config import RunConfig
+
 DEFAULT_DATA = Path("data/synth")
-
-
-class DataConfig(BaseModel):
-    """How slices are undersampled (Levac et al. 2023 Sec. 3.1 defaults: 1D random, R=4, 8% ACS)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    mask: str = "random1d"
-    accel: float = Field(4.0, ge=1)
-    acs_frac: float = Field(0.08, gt=0, lt=1)
-    seed: int = 0
-    max_slices: int | None = Field(None, ge=1)
-    maps: str = "espirit"
-    crop: str = ""  # image-domain centre crop "HxW" (fastMRI readout oversampling); "" = none
-
-    @field_validator("crop", mode="before")
-    @classmethod
-    def _crop(cls, value: Any) -> str:
-        from recon.data.dataset import crop_text
-
-        return crop_text(value)
-
-    def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
-        """:class:`~recon.data.dataset.SiteDataset` keyword arguments (``extra`` passed on)."""
-        from recon.data.dataset import dataset_kwargs
-
-        return dataset_kwargs(
-            mask=self.mask,
-            accel=self.accel,
-            acs_frac=self.acs_frac,
-            seed=self.seed,
-            maps=self.maps,
-            crop=self.crop,
-            **extra,
-        )
-
-
-class GleamOptions(BaseModel):
-    """``train.method = "gleam"`` (GLEAM Alg. 1 / 2): ``modules`` M (0: one per unroll),
-    ``devices`` for P-GLEAM (module m on ``devices[m % D]``), per-module ``lrs`` / ``losses``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    modules: int = Field(0, ge=0)
-    devices: list[str] = []
-    lrs: list[float] | None = None
-    losses: list[str] | None = None
-
-
-class LayerwiseOptions(BaseModel):
-    """``train.method = "layerwise"`` (Ozturkler et al., ISMRM 2021): steps per convex block (0:
-    split evenly)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps_per_block: int = Field(0, ge=0)
-
-
-class TrainJob(NamedTuple):
-    """A job's validated configuration: ``[model] [train] [data] [gleam] [layerwise]``."""
-
-    model: Any  # recon.models.ModelConfig
-    train: Any  # recon.train.TrainConfig
-    data: DataConfig
-    method: str
-    gleam: GleamOptions
-    layerwise: LayerwiseOptions
-
-    def method_options(self) -> dict[str, Any]:
-        """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``."""
-        from recon.train.methods import method_options
-
-        g = self.gleam
-        return method_options(
-            self.method,
-            gleam_modules=g.modules,
-            gleam_devices=[resolve_device(d) for d in g.devices],
-            gleam_lrs=g.lrs,
-            gleam_losses=g.losses,
-            steps_per_block=self.layerwise.steps_per_block,
-        )
-
 
 ARCH_NAMES = {"modl": "MoDL", "pgd": "unrolled PGD"}
 
-# Defaults of the centralized job: the paper's MoDL, trained briefly (a couple of minutes on CPU).
-TRAIN_DEFAULTS: dict[str, Any] = {"train.steps": 300, "train.lr": 1e-3}
+# Defaults of `fedunroll train` that differ from the run config's (the federated default job):
+# the paper's MoDL (Levac et al. 2023 Sec. 3.1: Nu=6, NCG=6), trained for 300 steps (a couple of
+# minutes on CPU). Every other key, and every key of `recon` and `personalize`, defaults as in
+# `fedunroll config`.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "model.num-unrolls": 6,
+    "model.cg-iters": 6,
+    "train.local-steps": 300,
+}
+
+KEYS_HELP = (
+    "Keys are the run config's, the same for every command (`fedunroll config` lists them with "
+    "their defaults)."
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file with [model] [train] [data] tables")
+    p.add_argument(
+        "--config", metavar="FILE.toml", help="TOML overrides ([model] [train] [data] ... tables)"
+    )
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override one key, e.g. model.num_unrolls=4 train.lr=1e-3 data.accel=8 "
-        "train.method=gleam gleam.modules=3",
+        help="override one run-config key, e.g. --set model.num-unrolls=4 --set train.lr=1e-3 "
+        "--set data.accel=8 (see `fedunroll config`)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
 
 
-def load_job_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainJob:
-    """Merge defaults < config file < --set into a validated :class:`TrainJob`.
+def load_run_config(args: argparse.Namespace, defaults: Mapping[str, Any] = {}) -> RunConfig:
+    """Defaults < config file < ``--set``, parsed into the one :class:`~recon.config.RunConfig`.
 
-    ``train.method`` (e2e, checkpoint, gleam, layerwise) picks the trainer; it is checked
-    against the architecture here, before any data is read.
+    ``train.method`` (e2e, checkpoint, gleam, layerwise) is checked against the architecture
+    here, before any data is read; an unknown key fails naming its near matches.
     """
-    from fedunroll.overrides import load_config_file, parse_sets, split_sections
-    from recon.models import ModelConfig
-    from recon.train import TrainConfig
-    from recon.train.methods import check_method
+    from fedunroll.overrides import load_config_file, parse_sets
+    from recon.config import parse_run_config
 
-    flat = {**defaults, **load_config_file(args.config), **parse_sets(args.set)}
-    groups = split_sections(flat, {"model", "train", "data", "gleam", "layerwise"})
-    method = str(groups["train"].pop("method", "e2e"))
-    model = build_section("model", ModelConfig, groups["model"])
-    gleam = build_section("gleam", GleamOptions, groups["gleam"])
-    try:
-        check_method(method, model.num_unrolls, model.shared, model.denoiser, gleam.modules)
-    except ValueError as exc:
-        raise ValueError(f"bad configuration: {exc}") from None
-    return TrainJob(
-        model=model,
-        train=build_section("train", TrainConfig, groups["train"]),
-        data=build_section("data", DataConfig, groups["data"]),
-        method=method,
-        gleam=gleam,
-        layerwise=build_section("layerwise", LayerwiseOptions, groups["layerwise"]),
-    )
-
-
-def build_section(section: str, cls: type[BaseModel], values: dict[str, Any]) -> Any:
-    """Validate one config table; errors name the full key (``model.num_unroll: ...``)."""
-    from pydantic import ValidationError
-
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in (section, *err["loc"]))
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{key}: {msg} (got {err.get('input')!r})")
-        raise ValueError("bad configuration: " + "; ".join(problems)) from None
+    return parse_run_config({**defaults, **load_config_file(args.config), **parse_sets(args.set)})
 
 
 def default_sites(root: Path = DEFAULT_DATA, n_sites: int = 4) -> list[Path]:
@@ -170,10 +71,12 @@ def default_sites(root: Path = DEFAULT_DATA, n_sites: int = 4) -> list[Path]:
     return sorted(p for p in root.glob("site*") if p.is_dir())
 
 
-def _dataset(site: Path, split: str, data: DataConfig):  # type: ignore[no-untyped-def]
+def _dataset(site: Path, split: str, cfg: RunConfig):  # type: ignore[no-untyped-def]
+    """A site's split as the federation's sites load it (``data.max-train-slices``: train)."""
     from recon.data import SiteDataset
 
-    return SiteDataset(site, split=split, **data.dataset_kwargs(max_slices=data.max_slices))
+    limit = cfg.data.max_train_slices if split == "train" else 0
+    return SiteDataset(site, split=split, **cfg.data.dataset_kwargs(max_slices=limit or None))
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]], methods: list[str]) -> str:
@@ -202,26 +105,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recon.train.methods import local_train
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    job = load_job_config(args, TRAIN_DEFAULTS)
-    model_cfg, train_cfg, data_cfg = job.model, job.train, job.data
+    cfg = load_run_config(args, TRAIN_DEFAULTS)
+    model_cfg, train_cfg = cfg.model, cfg.train
     device = resolve_device(args.device)
-    options = job.method_options()
+    options = cfg.method_options()
     sites = [Path(s) for s in args.sites] or default_sites()
     out = Path(args.out or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
-    train_sets = [_dataset(s, "train", data_cfg) for s in sites]
-    test_sets = {s.name: _dataset(s, args.eval_split, data_cfg) for s in sites}
+    train_sets = [_dataset(s, "train", cfg) for s in sites]
+    test_sets = {s.name: _dataset(s, args.eval_split, cfg) for s in sites}
     model = build_model(model_cfg)
     n_train = sum(len(d) for d in train_sets)
     print(
         f"{ARCH_NAMES[model_cfg.arch]} ({model_cfg.denoiser}, Nu={model_cfg.num_unrolls}, "
         f"NCG={model_cfg.cg_iters}): {count_parameters(model):,} weights; "
         f"{n_train} training slices from {len(sites)} site(s); device {device}; "
-        f"method {job.method}" + "".join(f" {k}={v}" for k, v in options.items() if v),
+        f"method {train_cfg.method}" + "".join(f" {k}={v}" for k, v in options.items() if v),
         flush=True,
     )
     union: ConcatDataset = ConcatDataset(train_sets)
     result = local_train(
-        job.method,
+        train_cfg.method,
         model,
         union,  # type: ignore[arg-type]
         train_cfg,
@@ -238,21 +141,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         ours = evaluate(model, ds, device)
         zf = evaluate(None, ds, device)
         table[name] = {
-            "zero-filled": {k: float(zf[k]) for k in ("ssim", "nrmse", "psnr")},  # type: ignore[arg-type]
-            "model": {k: float(ours[k]) for k in ("ssim", "nrmse", "psnr")},  # type: ignore[arg-type]
+            "zero-filled": zf.as_dict(),
+            "model": ours.as_dict(),
         }
     print(f"\n{args.eval_split} slices, RSS magnitude:")
     print(format_table(table, ["zero-filled", "model"]))
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, model_cfg, out / "model.pt", data_config=data_cfg.model_dump())
+    # the run config travels with the weights: `recon` and `personalize` load the same slices
+    save_checkpoint(model, model_cfg, out / "model.pt", run_config=cfg.flat())
     results = {
         "schema": "fedunroll.train/1",
         "sites": [str(s) for s in sites],
         "config": {
             "model": model_cfg.model_dump(),
-            "train": {**train_cfg.model_dump(), "method": job.method},
-            "data": data_cfg.model_dump(),
-            **({job.method: options} if options else {}),
+            "train": train_cfg.model_dump(),
+            "data": cfg.data.model_dump(),
+            **({train_cfg.method: options} if options else {}),
         },
         "train": {
             "steps": result.steps,
@@ -269,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_recon(args: argparse.Namespace) -> int:
     from recon.reconstruct import reconstruct_file
 
-    data_cfg = load_job_config(args, {}).data
+    data_cfg = load_run_config(args).data
     report = reconstruct_file(
         args.input,
         method=args.method,
@@ -292,26 +196,29 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    from fedunroll.overrides import load_config_file, parse_sets, split_sections
-    from recon.data.dataset import data_values_from_flat
+    from recon.config import VALID_KEYS
     from recon.models.checkpoint import load_checkpoint, save_checkpoint
     from recon.train.personalize import PersonalizeConfig, personalize
 
+    load_run_config(args)  # a bad key fails before the checkpoint is read
     device = resolve_device(args.device)
     model, model_cfg, ckpt = load_checkpoint(args.checkpoint, device)
-    # The data pipeline that trained the model (federated run config or `fedunroll train`),
-    # unless overridden by --config / --set.
-    run_cfg = ckpt.get("run_config") or {}
-    data_defaults = {f"data.{k}": v for k, v in data_values_from_flat(run_cfg).items()}
-    for k, v in (ckpt.get("data_config") or {}).items():
-        if v is not None:
-            data_defaults[f"data.{k}"] = v
-    flat = {**data_defaults, **load_config_file(args.config), **parse_sets(args.set)}
-    groups = split_sections(flat, {"data", "personalize"})
-    data_cfg = build_section("data", DataConfig, groups["data"])
-    p_cfg = build_section("personalize", PersonalizeConfig, groups["personalize"])
+    # The run config that trained the model (a federation's or `fedunroll train`'s: the same data
+    # pipeline, loss and seed), under --config / --set; keys of an older version are dropped.
+    trained = {k: v for k, v in (ckpt.get("run_config") or {}).items() if k in VALID_KEYS}
+    cfg = load_run_config(args, trained)
+    p = cfg.personalize
+    p_cfg = PersonalizeConfig(
+        lrs=p.lr_values,
+        max_epochs=p.max_epochs,
+        folds=p.folds,
+        patience=p.patience,
+        min_gain=p.min_gain,
+        loss=cfg.train.loss,
+        seed=cfg.train.seed,
+    )
     site = Path(args.site)
-    train_set, test_set = _dataset(site, "train", data_cfg), _dataset(site, "test", data_cfg)
+    train_set, test_set = _dataset(site, "train", cfg), _dataset(site, "test", cfg)
     out = Path(args.out or f"runs/personalize-{site.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(
         f"personalizing {args.checkpoint} at {site} ({len(train_set)} training slices, "
@@ -344,7 +251,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "train",
         help="train a model centrally (or at one site) and evaluate it per site",
         description="Centralized / single-site training of MoDL or unrolled PGD. Without SITE "
-        "arguments it trains on the embedded synthetic sites (generated on first use).",
+        "arguments it trains on the embedded synthetic sites (generated on first use). "
+        + KEYS_HELP
+        + " Its own defaults: "
+        + ", ".join(f"{k}={v}" for k, v in TRAIN_DEFAULTS.items())
+        + " (the paper's MoDL).",
     )
     p.add_argument("sites", nargs="*", help="site folders (site/{train,val,test}/*.h5)")
     p.add_argument("--out", help="run directory (default runs/train-<time>)")
@@ -357,7 +268,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="reconstruct an h5 file (zero-filled, SENSE, CS or a trained model)",
         description="Retrospectively undersample a fully sampled fastMRI-layout h5 file, "
         "reconstruct every slice and write the images; prints SSIM/NRMSE/PSNR against the fully "
-        "sampled RSS.",
+        "sampled RSS. " + KEYS_HELP + " Here only data.* matter.",
     )
     r.add_argument("input", help="fastMRI-layout multi-coil h5 file")
     r.add_argument("--method", default="model", choices=["zero-filled", "sense", "cs", "model"])
@@ -376,8 +287,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "fine-tuning "
         "learning rate and epochs by k-fold cross-validation on the site's training slices, "
         "fine-tune, and report test metrics before and after. Keys: personalize.lrs, "
-        "personalize.max_epochs, personalize.folds, personalize.patience, personalize.min_gain, "
-        "data.*. Everything stays at the site.",
+        "personalize.max-epochs, personalize.folds, personalize.patience, personalize.min-gain, "
+        "data.* (defaults: the checkpoint's run config). Everything stays at the site. "
+        + KEYS_HELP,
     )
     pz.add_argument("--checkpoint", required=True, help="global model (e.g. RUN/final_model.pt)")
     pz.add_argument("--site", required=True, help="site folder (site/{train,val,test}/*.h5)")

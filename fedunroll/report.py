@@ -172,7 +172,7 @@ def personalization_table(results: Mapping[str, Any]) -> str | None:
         delta = _num(e["after"]["ssim"]) - _num(e["before"]["ssim"])
         decision = str(e.get("decision") or ("fine-tuned" if e["fine_tune"] else "kept global"))
         lines.append(f"| {site} | {seen} | {' | '.join(vals)} | {_delta(delta)} | {decision} |")
-    for seen, entries in groups.items():
+    for is_seen, entries in groups.items():
         if len(entries) > 1:
             vals = []
             for m in METRICS:
@@ -180,9 +180,11 @@ def personalization_table(results: Mapping[str, Any]) -> str | None:
                     _fmt(m, _mean([e["before"][m] for e in entries])),
                     _fmt(m, _mean([e["after"][m] for e in entries])),
                 ]
-            delta = _mean([_num(e["after"]["ssim"]) - _num(e["before"]["ssim"]) for e in entries])
-            label = "seen" if seen else "unseen"
-            lines.append(f"| **mean** | {label} | {' | '.join(vals)} | {_delta(delta)} | |")
+            mean_delta = _mean(
+                [_num(e["after"]["ssim"]) - _num(e["before"]["ssim"]) for e in entries]
+            )
+            label = "seen" if is_seen else "unseen"
+            lines.append(f"| **mean** | {label} | {' | '.join(vals)} | {_delta(mean_delta)} | |")
     return "\n".join(lines)
 
 
@@ -380,9 +382,10 @@ def plot_site_bars(results: Mapping[str, Any], path: Path) -> Path | None:
 def data_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """:class:`~recon.data.dataset.SiteDataset` keyword arguments from the flat run config
     (the same slices, crop and masks the sites used: see ``client.site.load_split``)."""
-    from recon.data.dataset import dataset_kwargs_from_flat
+    from recon.config import VALID_KEYS, parse_run_config
 
-    return dataset_kwargs_from_flat(config)  # rotated by file attribute, as at the sites
+    known = {k: v for k, v in config.items() if k in VALID_KEYS}  # keys of older versions dropped
+    return parse_run_config(known).data.dataset_kwargs()  # rotated by file attribute, as at sites
 
 
 def _grid_inputs(

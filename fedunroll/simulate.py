@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from fedunroll.overrides import toml_value
 from fedunroll.procs import ProcessGroup
 from recon.config import RunConfig, default_flat, parse_run_config
 from server import checkpoint
@@ -66,17 +67,9 @@ class SimulationError(RuntimeError):
 
 
 # --- configuration ----------------------------------------------------------------------------
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 def to_toml(flat: Mapping[str, Any]) -> str:
     """Flat dotted keys -> TOML with quoted keys (what ``flwr run --run-config FILE`` reads)."""
-    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in flat.items())
+    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in flat.items())
 
 
 def build_config(
@@ -211,8 +204,8 @@ def _local_only_site(cfg_flat: dict[str, Any], site: str, path: str, steps: int)
     cfg = parse_run_config(cfg_flat)
     return baselines.local_only(
         {site: path},
-        cfg.model.to_model_config(),
-        cfg.train.train_config(),
+        cfg.model,
+        cfg.train,
         steps,
         resolve_device(cfg.run.device),
         cfg.data.dataset_kwargs(),  # as the sites load their slices
@@ -261,8 +254,8 @@ def run_baselines(cfg: RunConfig, data: Mapping[str, Any]) -> dict[str, Any]:
         print(f"centralized baseline: {steps * len(sites)} steps ...", file=sys.stderr, flush=True)
         out["centralized"] = baselines.centralized(
             sites,
-            cfg.model.to_model_config(),
-            cfg.train.train_config(),
+            cfg.model,
+            cfg.train,
             steps,
             resolve_device(cfg.run.device),
             cfg.data.dataset_kwargs(),  # as the sites load their slices
@@ -297,7 +290,7 @@ def app_dir(staging: Path) -> Path:
             dirs_exist_ok=True,
             ignore=shutil.ignore_patterns("__pycache__"),
         )
-    config = "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in default_flat().items())
+    config = "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in default_flat().items())
     (staging / "pyproject.toml").write_text(
         '[project]\nname = "fedunroll"\nversion = "0.1.0"\n\n'
         '[tool.flwr.app]\npublisher = "fedunroll"\n\n'

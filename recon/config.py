@@ -1,14 +1,22 @@
-"""The run configuration of a federated job, parsed once into frozen pydantic models.
+"""The one run configuration of every job, parsed once into frozen pydantic models.
 
 Flower hands the ServerApp and every ClientApp the same flat ``context.run_config``
-(``[tool.flwr.app.config]`` of ``pyproject.toml`` plus ``--run-config`` overrides). Keys are
-namespaced: ``section.key`` (``train.lr``, ``fedprox.mu``, ``scaffold.eta-g``), and the few
-federation-wide keys have no section (``num-server-rounds``, ``min-fit-clients``). Both sides call
-:func:`parse_run_config`; an unknown key or a bad value raises :class:`ConfigError` naming it.
+(``[tool.flwr.app.config]`` of ``pyproject.toml`` plus ``--run-config`` overrides); the command
+line (``fedunroll train / recon / personalize / simulate``) builds the same flat mapping from
+``--config FILE.toml`` and ``--set key=value``. Keys are namespaced and dashed, one spelling
+everywhere: ``section.key`` (``model.num-unrolls``, ``train.local-steps``, ``scaffold.eta-g``);
+the few federation-wide keys have no section (``num-server-rounds``). Every caller goes through
+:func:`parse_run_config`; an unknown key or a bad value raises :class:`ConfigError` naming it
+(an unknown key with its near matches). ``fedunroll config`` lists every key with its default and
+its one-line description (the ``description`` of its field).
 
-The defaults here are the product's default job (4 non-IID synthetic sites, Scaffold, small
-enough for 2 CPU cores); ``[tool.flwr.app.config]`` repeats them (a test keeps both equal),
-because ``flwr run --run-config`` only accepts keys that the pyproject section declares.
+The sections are the core's own configurations where it has one (``model`` is
+:class:`recon.models.ModelConfig`, ``train`` is :class:`recon.train.TrainConfig`), so there is
+nothing to copy or rename. The defaults here are the product's default job (4 non-IID synthetic
+sites, Scaffold, small enough for 2 CPU cores); ``[tool.flwr.app.config]`` repeats them (a test
+keeps both equal), because ``flwr run --run-config`` only accepts keys that the pyproject section
+declares. A command may start from a few other defaults (``fedunroll train``: the paper's MoDL,
+see ``fedunroll.jobs.TRAIN_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from pydantic import (
     model_validator,
 )
 
-from recon.data.dataset import crop_text, dataset_kwargs
+from recon.data.dataset import crop_text, parse_crop
 from recon.models import ModelConfig
+from recon.runtime import resolve_device
 from recon.train import TrainConfig
 from recon.train.methods import check_method, method_options
 
@@ -48,147 +57,139 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    """Frozen, strict about unknown keys, keys spelled with dashes (``local-steps``)."""
+    """Frozen, strict about unknown keys, keys spelled with dashes (``local-only``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=lambda name: name.replace("_", "-"),
+    )
 
 
-def _k(default: Any, alias: str, **kw: Any) -> Any:
-    return Field(default, alias=alias, **kw)
+def _k(default: Any, description: str, **kw: Any) -> Any:
+    return Field(default, description=description, **kw)
+
+
+def _comma_list(value: Any, item: type, what: str) -> str:
+    """A list setting as the run config stores it: comma-separated text (Flower run configs hold
+    scalars only); a TOML list is accepted and joined. Items must parse as ``item``."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    if any(isinstance(v, bool | dict | list) for v in items):
+        raise ValueError(f"expected comma-separated {what}, got {value!r}")
+    try:
+        parsed = [item(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected comma-separated {what}, got {value!r}") from None
+    if item is float and not all(math.isfinite(x) and x > 0 for x in parsed):
+        raise ValueError(f"expected positive {what}, got {value!r}")
+    return ",".join(str(v) for v in items)
+
+
+def _split(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
 
 
 class FederationConfig(_Section):
     """Keys without a section: rounds, participation and bounded waits."""
 
-    num_server_rounds: int = _k(10, "num-server-rounds", ge=1, le=100_000)
-    min_fit_clients: int = _k(2, "min-fit-clients", ge=1)
-    min_available_clients: int = _k(2, "min-available-clients", ge=1)
-    fraction_fit: float = _k(1.0, "fraction-fit", gt=0, le=1)
-    fraction_evaluate: float = _k(1.0, "fraction-evaluate", gt=0, le=1)
-    round_timeout: float = _k(900.0, "round-timeout", gt=0)
-    node_wait_timeout: float = _k(120.0, "node-wait-timeout", gt=0)
+    num_server_rounds: int = _k(10, "federated rounds", ge=1, le=100_000)
+    min_fit_clients: int = _k(2, "sites that must reply for a round to count", ge=1)
+    min_available_clients: int = _k(2, "sites connected before the first round", ge=1)
+    fraction_fit: float = _k(1.0, "fraction of the sites sampled to train each round", gt=0, le=1)
+    fraction_evaluate: float = _k(1.0, "fraction of the sites sampled to evaluate", gt=0, le=1)
+    round_timeout: float = _k(900.0, "seconds the server waits for a round's replies", gt=0)
+    node_wait_timeout: float = _k(120.0, "seconds the server waits for the sites", gt=0)
 
 
 class StrategySection(_Section):
+    """The aggregation rule (``strategies/``)."""
+
     name: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fairfedavg"
-    ] = "scaffold"
-
-
-class TrainSection(_Section):
-    """Local optimisation at each site per round (Levac et al. 2023 Sec. 3.1: Adam, batch 1, SSIM
-    loss)."""
-
-    local_steps: int = _k(20, "local-steps", ge=1)
-    # Communication budget (Levac et al. 2023 Sec. 3.4): a fixed total of local steps split over the
-    # rounds; when > 0 it overrides local-steps with total-steps / num-server-rounds.
-    total_steps: int = _k(0, "total-steps", ge=0)
-    lr: float = Field(1e-3, gt=0)
-    loss: Literal["ssim", "l1", "l2", "rss-l1"] = "ssim"
-    batch_size: int = _k(1, "batch-size", ge=1)
-    grad_clip: float = _k(0.0, "grad-clip", ge=0)  # 0 = no clipping (TOML has no null)
-    seed: int = 0
-    # Local trainer (recon.train.methods.local_train): end-to-end, end-to-end with one activation
-    # checkpoint per unroll (same result, less memory), greedy GLEAM modules (GLEAM) or
-    # layer-wise convex blocks (Ozturkler et al. 2021, model.denoiser = "convex").
-    method: Literal["e2e", "gleam", "checkpoint", "layerwise"] = "e2e"
-
-    def train_config(self, steps: int | None = None, seed: int | None = None) -> TrainConfig:
-        """The :class:`recon.train.TrainConfig` of one local training call."""
-        return TrainConfig(
-            lr=self.lr,
-            steps=steps or self.local_steps,
-            batch_size=self.batch_size,
-            loss=self.loss,
-            seed=self.seed if seed is None else seed,
-            grad_clip=self.grad_clip or None,
-        )
-
-
-class ModelSection(_Section):
-    """MoDL size; the defaults are small (the paper's Nu=6, NCG=6 is ``--set`` away)."""
-
-    arch: Literal["modl", "pgd"] = "modl"
-    # convex: train.method = layerwise; nas: a searched / derived cell net (server/nas.py)
-    denoiser: Literal["unet", "resnet", "convex", "nas"] = "unet"
-    num_unrolls: int = _k(4, "num-unrolls", ge=1, le=64)
-    cg_iters: int = _k(4, "cg-iters", ge=1, le=100)
-    lam_init: float = _k(0.05, "lam-init", gt=0)
-    shared: bool = True
-    unet_chans: int = _k(16, "unet-chans", ge=1)
-    unet_pools: int = _k(3, "unet-pools", ge=1, le=6)
-    # denoiser = "nas": a genotype file gives the derived net ("" = the search net of
-    # nas-channels / nas-cells / nas-nodes, for nas.search-rounds > 0)
-    nas_genotype: str = _k("", "nas-genotype")
-    nas_channels: int = _k(16, "nas-channels", ge=1)
-    nas_cells: int = _k(3, "nas-cells", ge=1)
-    nas_nodes: int = _k(3, "nas-nodes", ge=1)
-
-    def to_model_config(self) -> ModelConfig:
-        """The :class:`recon.models.ModelConfig` to build."""
-        return ModelConfig(
-            arch=self.arch,
-            denoiser=self.denoiser,
-            num_unrolls=self.num_unrolls,
-            cg_iters=self.cg_iters,
-            lam_init=self.lam_init,
-            shared=self.shared,
-            unet_chans=self.unet_chans,
-            unet_pools=self.unet_pools,
-            nas_genotype=self.nas_genotype or None,
-            nas_channels=self.nas_channels,
-            nas_cells=self.nas_cells,
-            nas_nodes=self.nas_nodes,
-        )
+    ] = _k("scaffold", "fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold | fairfedavg")
 
 
 class FedProxSection(_Section):
-    mu: float = Field(0.01, ge=0)
+    """``strategy.name = "fedprox"`` (Li et al. 2020)."""
+
+    mu: float = _k(0.01, "FedProx proximal weight mu", ge=0)
 
 
 class ScaffoldSection(_Section):
     """Levac et al. 2023 Algorithm 1: control-variate rule (line 7) and global step size (line
     10)."""
 
-    option: Literal["i", "ii"] = "ii"
-    eta_g: float = _k(1.0, "eta-g", gt=0)
-    grad_slices: int = _k(8, "grad-slices", ge=1)  # option (i): slices in the gradient at x
+    option: Literal["i", "ii"] = _k("ii", "control-variate update: i (gradient at x) | ii (cheap)")
+    eta_g: float = _k(1.0, "global step size eta_g", gt=0)
+    grad_slices: int = _k(8, "option i: slices in the gradient at the global weights", ge=1)
 
 
 class GleamSection(_Section):
-    """``train.method = "gleam"``: M greedy modules of N / M unrolls (GLEAM Alg. 1)."""
+    """``train.method = "gleam"``: M greedy modules of N / M unrolls (GLEAM Alg. 1), each with its
+    own Adam and loss; ``devices`` spreads them over devices (P-GLEAM, Alg. 2). Lists are
+    comma-separated text (``"cuda:0,cuda:1"``): Flower run configs hold scalars only."""
 
-    modules: int = Field(0, ge=0)  # 0 = one module per unroll (M = N)
+    modules: int = _k(0, "GLEAM modules M (0 = one per unroll, M = N)", ge=0)
+    devices: str = _k("", 'P-GLEAM: module m on devices[m % D], e.g. "cuda:0,cuda:1" ("" = one)')
+    lrs: str = _k("", 'per-module learning rates, e.g. "1e-3,5e-4" ("" = train.lr)')
+    losses: str = _k("", 'per-module losses, e.g. "ssim,l1" ("" = train.loss)')
+
+    @field_validator("devices", "losses", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> str:
+        return _comma_list(value, str, "names")
+
+    @field_validator("lrs", mode="before")
+    @classmethod
+    def _lrs(cls, value: Any) -> str:
+        return _comma_list(value, float, "learning rates")
+
+    @property
+    def device_list(self) -> list[str]:
+        return _split(self.devices)
+
+    @property
+    def lr_list(self) -> list[float]:
+        return [float(v) for v in _split(self.lrs)]
+
+    @property
+    def loss_list(self) -> list[str]:
+        return _split(self.losses)
 
 
 class LayerwiseSection(_Section):
     """``train.method = "layerwise"``: convex blocks trained one after the other (Ozturkler et al.,
     ISMRM 2021)."""
 
-    steps_per_block: int = _k(0, "steps-per-block", ge=0)  # 0 = split the local steps evenly
+    steps_per_block: int = _k(0, "steps per convex block (0 = split the steps evenly)", ge=0)
 
 
 class FedOptSection(_Section):
     """FedAdam / FedYogi / FedAdagrad server optimiser (Reddi et al. 2021, Algorithm 2)."""
 
-    eta: float = Field(1e-2, gt=0)
-    beta_1: float = _k(0.9, "beta-1", ge=0, lt=1)
-    beta_2: float = _k(0.99, "beta-2", ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
+    eta: float = _k(1e-2, "server learning rate eta", gt=0)
+    beta_1: float = _k(0.9, "first-moment decay beta_1", ge=0, lt=1)
+    beta_2: float = _k(0.99, "second-moment decay beta_2", ge=0, lt=1)
+    tau: float = _k(1e-3, "adaptivity tau", gt=0)
 
 
 class FairSection(_Section):
     """``strategy.name = "fairfedavg"``: fairness-adjusted weights (GAutoMRI Eq. 9-11)."""
 
-    gamma: float = Field(0.01, ge=0)
+    gamma: float = _k(0.01, "fairness step gamma (GAutoMRI Eq. 11)", ge=0)
 
 
 class EmaSection(_Section):
     """Client EMA of the global weights as the start of local training (FedAutoMRI Eq. 7)."""
 
-    enabled: bool = False
-    gamma: float = Field(0.9, ge=0, lt=1)
-    form: Literal["adam", "printed", "plain"] = "adam"  # strategies.nas_maths.client_ema
+    enabled: bool = _k(False, "start local training from the client EMA of the global weights")
+    gamma: float = _k(0.9, "EMA decay gamma (FedAutoMRI Eq. 7)", ge=0, lt=1)
+    form: Literal["adam", "printed", "plain"] = _k(
+        "adam", "EMA form: adam | printed | plain (strategies.nas_maths.client_ema)"
+    )
 
 
 class NasSection(_Section):
@@ -199,36 +200,38 @@ class NasSection(_Section):
     then ``num-server-rounds`` training rounds of the derived network from scratch.
     """
 
-    search_rounds: int = _k(0, "search-rounds", ge=0, le=100_000)
-    search_steps: int = _k(0, "search-steps", ge=0)  # 0 = the training phase's local steps
-    lr_alpha: float = _k(3e-3, "lr-alpha", gt=0)
-    lam: float = Field(1.0, ge=0)
-    val_fraction: float = _k(0.5, "val-fraction", gt=0, lt=1)
-    top_k: int = _k(2, "top-k", ge=1)
+    search_rounds: int = _k(0, "architecture-search rounds before training", ge=0, le=100_000)
+    search_steps: int = _k(0, "local search steps per round (0 = train.local-steps)", ge=0)
+    lr_alpha: float = _k(3e-3, "learning rate of the architecture weights alpha", gt=0)
+    lam: float = _k(1.0, "MiLeNAS mixed-level weight lambda (FedAutoMRI Eq. 6)", ge=0)
+    val_fraction: float = _k(0.5, "share of a site's slices for the alpha update", gt=0, lt=1)
+    top_k: int = _k(2, "operations kept per node when deriving the genotype", ge=1)
 
 
-class DataSection(_Section):
+class DataConfig(_Section):
     """Where each site's slices come from and how they are undersampled (Levac et al. 2023 Sec.
-    3.1)."""
+    3.1: 1D random mask, R=4, 8% ACS); :meth:`dataset_kwargs` is the one mapping to
+    :class:`~recon.data.dataset.SiteDataset`."""
 
-    root: str = "data/synth"
-    num_sites: int = _k(4, "num-sites", ge=1, le=1000)
-    iid: bool = False
-    mask: Literal["random1d", "equispaced1d", "poisson2d"] = "random1d"
-    accel: float = Field(4.0, ge=1)
-    acs_frac: float = _k(0.08, "acs-frac", gt=0, lt=1)
-    seed: int = 0
-    max_train_slices: int = _k(0, "max-train-slices", ge=0)  # 0 = all
+    root: str = _k("data/synth", "folder of the sites site0 .. site{N-1}")
+    num_sites: int = _k(4, "training sites (simulated SuperNodes)", ge=1, le=1000)
+    iid: bool = _k(False, "synthetic sites drawn from one distribution (else one each)")
+    mask: Literal["random1d", "equispaced1d", "poisson2d"] = _k(
+        "random1d", "undersampling mask: random1d | equispaced1d | poisson2d"
+    )
+    accel: float = _k(4.0, "acceleration R", ge=1)
+    acs_frac: float = _k(0.08, "fully sampled central fraction (ACS)", gt=0, lt=1)
+    seed: int = _k(0, "mask seed (a slice keeps its mask across epochs and rounds)")
+    maps: Literal["espirit", "jsense"] = _k("espirit", "coil maps: espirit | jsense (SigPy)")
+    max_train_slices: int = _k(0, "training slices used per site (0 = all)", ge=0)
     # Synthetic sites, generated by ``fedunroll simulate`` when ``root`` has none (0 = preset).
-    synth_slices: int = _k(50, "synth-slices", ge=3)  # slices per site, all splits
-    synth_size: int = _k(0, "synth-size", ge=0)  # square matrix for every site; 0 = presets
-    synth_coils: int = _k(0, "synth-coils", ge=0)  # coils for every site; 0 = presets
+    synth_slices: int = _k(50, "synthetic sites: slices per site, all splits", ge=3)
+    synth_size: int = _k(0, "synthetic sites: square matrix size (0 = the presets)", ge=0)
+    synth_coils: int = _k(0, "synthetic sites: coils (0 = the presets)", ge=0)
     # Sites held out of training (Levac et al. 2023 Table 1 "Unseen"): in simulation the partitions
     # num-sites .. num-sites + unseen-sites - 1; they only take part in personalization.
-    unseen_sites: int = _k(0, "unseen-sites", ge=0, le=1000)
-    # Image-domain centre crop "HxW" of every slice (fastMRI readout oversampling: "320x320");
-    # "" = none. A string: Flower run configs hold scalars only.
-    crop: str = ""
+    unseen_sites: int = _k(0, "held-out sites that only personalize", ge=0, le=1000)
+    crop: str = _k("", 'image centre crop "HxW" before all else, e.g. "320x320" ("" = none)')
 
     @field_validator("crop", mode="before")
     @classmethod
@@ -236,82 +239,78 @@ class DataSection(_Section):
         return crop_text(value)
 
     def dataset_kwargs(self, **extra: Any) -> dict[str, Any]:
-        """:class:`~recon.data.dataset.SiteDataset` keyword arguments of the sites' slices
-        (horizontal-readout files rotated by their attribute), ``extra`` passed through."""
-        return dataset_kwargs(
-            mask=self.mask,
-            accel=self.accel,
-            acs_frac=self.acs_frac,
-            seed=self.seed,
-            crop=self.crop,
+        """:class:`~recon.data.dataset.SiteDataset` keyword arguments of the sites' slices, for
+        training, baselines, reports, ``recon`` and personalization alike (horizontal-readout
+        files rotated by their attribute, ``rotate=None``); ``extra`` (``max_slices``, ...) wins.
+        """
+        return {
+            "mask_kind": self.mask,
+            "accel": self.accel,
+            "acs_frac": self.acs_frac,
+            "seed": self.seed,
+            "maps_method": self.maps,
+            "crop": parse_crop(self.crop),
+            "rotate": None,
             **extra,
-        )
+        }
 
 
 class RunSection(_Section):
     """Run directory, resume, device and the non-federated baselines in the same results."""
 
-    out: str = "runs"
-    name: str = ""  # "" = <strategy>-<timestamp>
-    resume: str = ""  # a run directory to continue
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (node config ``device`` wins)
-    local_only: bool = _k(True, "local-only")
-    centralized: bool = False
+    out: str = _k("runs", "parent folder of the run directories")
+    name: str = _k("", 'run directory name ("" = <strategy>-<time>)')
+    resume: str = _k("", "a run directory to continue from its checkpoint")
+    device: str = _k("auto", "auto | cpu | cuda | cuda:N (a node's config device wins)")
+    local_only: bool = _k(True, "also train every site alone (the local-only baseline)")
+    centralized: bool = _k(False, "also train on all sites' slices pooled (centralized baseline)")
 
 
 class PersonalizeSection(_Section):
-    """Federated personalization after the last round (Levac et al. 2023 Sec. 3.4, 4.3; issue 5).
+    """Personalization (Levac et al. 2023 Sec. 3.4, 4.3): every site picks (r_fine, N_fine) by
+    k-fold CV on its own training slices and fine-tunes the global model; only before/after
+    metrics come back. ``lrs`` is comma-separated (``"1e-5,1e-4"``): Flower run configs hold
+    scalars only."""
 
-    Every site (training and unseen) picks (r_fine, N_fine) by k-fold CV on its own training
-    slices and fine-tunes the final global model; only before/after metrics come back.
-    ``lrs`` is a comma-separated list (``"1e-5,1e-4"``): Flower run configs hold scalars only.
-    """
-
-    enabled: bool = False
-    lrs: str = "1e-4,1e-3"
-    max_epochs: int = _k(10, "max-epochs", ge=1, le=100_000)
-    folds: int = Field(5, ge=2)
-    patience: int = Field(3, ge=1)
-    min_gain: float = _k(0.005, "min-gain", ge=0)
-    timeout: float = Field(3600.0, gt=0)  # seconds the server waits for the sites' replies
+    enabled: bool = _k(False, "federation: personalize at every site after the last round")
+    lrs: str = _k("1e-4,1e-3", "fine-tuning learning rates r_fine to cross-validate")
+    max_epochs: int = _k(10, "most fine-tuning epochs N_fine", ge=1, le=100_000)
+    folds: int = _k(5, "cross-validation folds k", ge=2)
+    patience: int = _k(3, "epochs without validation gain before a fold stops", ge=1)
+    min_gain: float = _k(0.005, "CV SSIM gain needed to fine-tune (else keep the model)", ge=0)
+    timeout: float = _k(3600.0, "federation: seconds the server waits for the sites", gt=0)
 
     @field_validator("lrs", mode="before")
     @classmethod
     def _lrs(cls, value: Any) -> str:
-        items = value if isinstance(value, list | tuple) else [value]
-        if isinstance(value, str):
-            items = [v for v in value.split(",") if v.strip()]
-        try:
-            lrs = [float(v) for v in items if not isinstance(v, bool)]
-        except (TypeError, ValueError):
-            raise ValueError(f"expected comma-separated learning rates, got {value!r}") from None
-        if not lrs or len(lrs) != len(items) or not all(math.isfinite(x) and x > 0 for x in lrs):
+        text = _comma_list(value, float, "learning rates")
+        if not text:
             raise ValueError(f"expected one or more positive learning rates, got {value!r}")
-        return value.strip() if isinstance(value, str) else ",".join(repr(x) for x in lrs)
+        return text
 
     @property
     def lr_values(self) -> tuple[float, ...]:
         """``lrs`` as floats."""
-        return tuple(float(v) for v in self.lrs.split(",") if v.strip())
+        return tuple(float(v) for v in _split(self.lrs))
 
 
 class SimSection(_Section):
     """Flower simulation resources (``fedunroll simulate``; ignored in deployment)."""
 
-    client_cpus: int = _k(1, "client-cpus", ge=1)
-    client_gpus: float = _k(0.0, "client-gpus", ge=0)
+    client_cpus: int = _k(1, "CPU cores per simulated site", ge=1)
+    client_gpus: float = _k(0.0, "GPU share per simulated site", ge=0)
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[BaseModel]] = {
     "strategy": StrategySection,
-    "train": TrainSection,
-    "model": ModelSection,
+    "train": TrainConfig,
+    "model": ModelConfig,
     "fedprox": FedProxSection,
     "scaffold": ScaffoldSection,
     "gleam": GleamSection,
     "layerwise": LayerwiseSection,
     "fedopt": FedOptSection,
-    "data": DataSection,
+    "data": DataConfig,
     "run": RunSection,
     "personalize": PersonalizeSection,
     "sim": SimSection,
@@ -328,14 +327,17 @@ class RunConfig(BaseModel):
 
     federation: FederationConfig = FederationConfig()
     strategy: StrategySection = StrategySection()
-    train: TrainSection = TrainSection()
-    model: ModelSection = ModelSection()
+    # The product's default federated job fits 4 sites on 2 CPU cores: the paper's MoDL with 4
+    # unrolls and 4 CG steps instead of 6 and 6, 20 local steps per round; every other default
+    # is the core's own.
+    train: TrainConfig = TrainConfig(steps=20)
+    model: ModelConfig = ModelConfig(num_unrolls=4, cg_iters=4)
     fedprox: FedProxSection = FedProxSection()
     scaffold: ScaffoldSection = ScaffoldSection()
     gleam: GleamSection = GleamSection()
     layerwise: LayerwiseSection = LayerwiseSection()
     fedopt: FedOptSection = FedOptSection()
-    data: DataSection = DataSection()
+    data: DataConfig = DataConfig()
     run: RunSection = RunSection()
     personalize: PersonalizeSection = PersonalizeSection()
     sim: SimSection = SimSection()
@@ -366,8 +368,12 @@ class RunConfig(BaseModel):
         return self
 
     def _check_method(self) -> None:
-        method, model = self.train.method, self.model
-        check_method(method, model.num_unrolls, model.shared, model.denoiser, self.gleam.modules)
+        method, model, gleam = self.train.method, self.model, self.gleam
+        check_method(method, model.num_unrolls, model.shared, model.denoiser, gleam.modules)
+        modules = gleam.modules or model.num_unrolls
+        for key, values in (("gleam.lrs", gleam.lr_list), ("gleam.losses", gleam.loss_list)):
+            if method == "gleam" and values and len(values) != modules:
+                raise ValueError(f"{key} needs one value per GLEAM module ({modules})")
         if self.nas.search_rounds and (model.denoiser != "nas" or model.nas_genotype):
             raise ValueError(
                 'nas.search-rounds > 0 searches the denoiser: set model.denoiser = "nas" and '
@@ -383,19 +389,25 @@ class RunConfig(BaseModel):
 
     def method_options(self, gleam_devices: Sequence[str] = ()) -> dict[str, Any]:
         """Keyword options of :func:`recon.train.methods.local_train` for ``train.method``;
-        ``gleam_devices`` is the site's own P-GLEAM setting (node config ``gleam-devices``)."""
+        ``gleam_devices`` is the site's own P-GLEAM setting (node config ``gleam-devices``), which
+        wins over ``gleam.devices``."""
+        gleam = self.gleam
+        devices = list(gleam_devices) or [resolve_device(d) for d in gleam.device_list]
         return method_options(
             self.train.method,
-            gleam_modules=self.gleam.modules,
-            gleam_devices=gleam_devices,
+            gleam_modules=gleam.modules,
+            gleam_devices=devices,
+            gleam_lrs=gleam.lr_list,
+            gleam_losses=gleam.loss_list,
             steps_per_block=self.layerwise.steps_per_block,
         )
 
     @property
     def local_steps(self) -> int:
-        """Local steps per round: ``total-steps / num-server-rounds``, else ``local-steps``."""
+        """Local steps per round: ``total-steps / num-server-rounds``, else ``local-steps``
+        (0: ``train.epochs`` passes over a site's slices)."""
         total = self.train.total_steps
-        return total // self.federation.num_server_rounds if total else self.train.local_steps
+        return total // self.federation.num_server_rounds if total else self.train.steps or 0
 
     def flat(self) -> dict[str, Any]:
         """The flat, namespaced dict (``results.json["config"]``, ``--run-config`` files)."""
@@ -406,17 +418,22 @@ class RunConfig(BaseModel):
                 out[prefix + key] = value
         return out
 
-    def _sections(self) -> dict[str, _Section]:
+    def _sections(self) -> dict[str, BaseModel]:
         return {name: getattr(self, name) for name in ("federation", *SECTIONS)}
 
 
+def _section_classes() -> dict[str, type[BaseModel]]:
+    return {"federation": FederationConfig, **SECTIONS}
+
+
 def _valid_keys() -> dict[str, tuple[str, str]]:
-    """Flat key -> (section attribute, field name)."""
+    """Flat key -> (section attribute, dashed key within the section)."""
     keys: dict[str, tuple[str, str]] = {}
-    for section, cls in {"federation": FederationConfig, **SECTIONS}.items():
+    for section, cls in _section_classes().items():
         prefix = "" if section == "federation" else f"{section}."
         for name, field in cls.model_fields.items():
-            keys[prefix + (field.alias or name)] = (section, name)
+            alias = field.alias or name
+            keys[prefix + alias] = (section, alias)
     return keys
 
 
@@ -428,13 +445,33 @@ def default_flat() -> dict[str, Any]:
     return RunConfig().flat()
 
 
+def describe_keys() -> dict[str, tuple[Any, str]]:
+    """Every key -> (its default, its one-line description), in section order: what
+    ``fedunroll config`` prints."""
+    defaults = default_flat()
+    out: dict[str, tuple[Any, str]] = {}
+    for key, (section, alias) in VALID_KEYS.items():
+        cls = _section_classes()[section]
+        field = next(f for n, f in cls.model_fields.items() if (f.alias or n) == alias)
+        out[key] = (defaults[key], field.description or "")
+    return out
+
+
+# Keys of the retired ``fedunroll train`` config whose new name is not a near match.
+_RENAMED = {"train.steps": "train.local-steps", "data.max-slices": "data.max-train-slices"}
+
+
 def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, VALID_KEYS, n=3, cutoff=0.6)
+    dashed = key.replace("_", "-")  # the old underscore spelling of a dashed key
+    exact = [k for k in (dashed, _RENAMED.get(dashed)) if k in VALID_KEYS]
+    close = exact[:1] or difflib.get_close_matches(dashed, VALID_KEYS, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     section = key.partition(".")[0] if "." in key else ""
     same = sorted(k for k in VALID_KEYS if section and k.startswith(section + "."))
     listed = f" Valid keys in [{section}]: {', '.join(same)}." if same else ""
-    return ConfigError(f"unknown run-config key {key!r}{hint}{listed}")
+    return ConfigError(
+        f"unknown run-config key {key!r}{hint}{listed} (`fedunroll config` lists every key)"
+    )
 
 
 def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
@@ -444,7 +481,7 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
     ----------
     flat : Mapping[str, Any]
         ``{"strategy.name": "fedavg", "train.lr": 1e-3, "num-server-rounds": 3, ...}``;
-        missing keys take their defaults.
+        missing keys take the defaults of :class:`RunConfig`.
 
     Raises
     ------
@@ -457,13 +494,16 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
             raise _unknown(key)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"run-config key {key!r}: must be finite, got {value!r}")
-        section, name = VALID_KEYS[key]
-        grouped.setdefault(section, {})[name] = value
+        section, alias = VALID_KEYS[key]
+        grouped.setdefault(section, {})[alias] = value
+    defaults = RunConfig()
     sections: dict[str, Any] = {}
     for section, values in grouped.items():
-        cls = FederationConfig if section == "federation" else SECTIONS[section]
+        default: BaseModel = getattr(defaults, section)
         try:
-            sections[section] = cls.model_validate(values)
+            sections[section] = type(default).model_validate(
+                {**default.model_dump(by_alias=True), **values}
+            )
         except ValidationError as err:
             raise _named(err, section) from None
     try:
@@ -475,12 +515,13 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunConfig:
 
 def _named(err: ValidationError, section: str) -> ConfigError:
     """One line per bad key: ``run-config key 'train.lr': Input should be greater than 0 ...``."""
-    cls = FederationConfig if section == "federation" else SECTIONS[section]
+    fields = _section_classes()[section].model_fields
     prefix = "" if section == "federation" else f"{section}."
     lines = []
     for e in err.errors():
         name = str(e["loc"][0]) if e["loc"] else "?"
-        field = cls.model_fields.get(name)
+        field = fields.get(name)
         key = prefix + ((field.alias if field else None) or name)
-        lines.append(f"run-config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"run-config key {key!r}: {msg} (got {e.get('input')!r})")
     return ConfigError("; ".join(lines))

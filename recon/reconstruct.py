@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recon.config import DataConfig
 from recon.data.dataset import file_samples
 from recon.data.sample import Sample, collate
 from recon.fileio import atomic_path
@@ -47,7 +48,7 @@ def reconstruct_file(
     method: str,
     out: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
-    data: Any = None,
+    data: DataConfig | None = None,
     device: str = "cpu",
     png_dir: str | os.PathLike[str] | None = None,
     cs_lambda: float = 1e-3,
@@ -55,12 +56,12 @@ def reconstruct_file(
 ) -> dict[str, Any]:
     """Reconstruct ``path``; write ``reconstruction_<method>`` [slices, H, W] to ``out``.
 
-    Returns a report with per-slice and mean SSIM / NRMSE / PSNR against the fully sampled RSS.
+    ``data`` is the run config's data section (mask, acceleration, seed, coil maps, crop:
+    :meth:`~recon.config.DataConfig.dataset_kwargs`), the defaults when ``None``. Returns a
+    report with per-slice and mean SSIM / NRMSE / PSNR against the fully sampled RSS.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    from fedunroll.jobs import DataConfig
-
     data = data or DataConfig()
     src = Path(path)
     model = None

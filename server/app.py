@@ -74,8 +74,8 @@ def initial_model(cfg: RunConfig, genotype: Any = None) -> torch.nn.Module:
     """
     if genotype is not None:
         torch.manual_seed(cfg.train.seed)
-        return build_model(cfg.model.to_model_config(), genotype=genotype)
-    return baseline_start(cfg.model.to_model_config(), cfg.train.seed)
+        return build_model(cfg.model, genotype=genotype)
+    return baseline_start(cfg.model, cfg.train.seed)
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -176,7 +176,7 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         fed.run(progress)
         final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
         model.load_state_dict(progress.arrays.to_torch_state_dict())
-        model_cfg = cfg.model.to_model_config()
+        model_cfg = cfg.model
         if genotype is not None and not cfg.model.nas_genotype:  # searched in this run
             genotype_path = str(run_dir / nas_phase.GENOTYPE_FILE)
             model_cfg = model_cfg.model_copy(update={"nas_genotype": genotype_path})

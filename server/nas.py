@@ -58,7 +58,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
     scfg = search_config(cfg)
     fed_cfg = cfg.federation
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.to_model_config())  # the search net (θ, α seeded)
+    model = build_model(cfg.model)  # the search net (θ, α seeded)
     theta = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     strategy = NasSearch(
         alpha=alpha_state(model),
@@ -93,7 +93,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
         strategy.alpha, k=cfg.nas.top_k, channels=net.channels, num_cells=net.num_cells
     )
     model.load_state_dict(progress.arrays.to_torch_state_dict())
-    derived = build_model(cfg.model.to_model_config(), genotype=genotype)
+    derived = build_model(cfg.model, genotype=genotype)
     summary = {
         "rounds": progress.rounds,
         "alpha": {k: np.asarray(v).tolist() for k, v in strategy.alpha.items()},

@@ -241,7 +241,7 @@ def test_search_then_train_in_process(root, tmp_path) -> None:
     with np.load(run_dir / "search" / "alpha.npz") as z:
         assert set(z.files) == set(final)
     torch_model = __import__("recon.models", fromlist=["build_model"]).build_model(
-        parse_run_config(flat).model.to_model_config()
+        parse_run_config(flat).model
     )
     from recon.nas import alpha_state
 

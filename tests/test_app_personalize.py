@@ -212,7 +212,7 @@ def test_personalized_searched_model_checkpoint_loads(root, tmp_path) -> None:
         },
     )
     cfg = parse_run_config(flat)
-    model = build_model(cfg.model.to_model_config(), genotype=PUBLISHED)
+    model = build_model(cfg.model, genotype=PUBLISHED)
     arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     config = {NAS_GENOTYPE: json.dumps(PUBLISHED.to_dict())}
     msg = message(to_record(arrays), config, message_type="train.personalize")

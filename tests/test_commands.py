@@ -47,13 +47,13 @@ def test_train_writes_checkpoint_and_per_site_table(
             "--device",
             "cpu",
             "--set",
-            "train.steps=30",
+            "train.local-steps=30",
             "--set",
-            "model.num_unrolls=2",
+            "model.num-unrolls=2",
             "--set",
-            "model.cg_iters=2",
+            "model.cg-iters=2",
             "--set",
-            "model.unet_chans=8",
+            "model.unet-chans=8",
         ]
     )
     assert rc == 0
@@ -111,7 +111,7 @@ def test_classical_and_learned_beat_zero_filled(workdir: Path) -> None:
 def test_bad_config_key_is_named(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", str(workdir / "synth" / "site0"), "--set", "model.num_unroll=2"])
     assert rc == 2
-    assert "model.num_unroll: unknown key" in capsys.readouterr().err
+    assert "unknown run-config key 'model.num_unroll'" in capsys.readouterr().err
     rc = main(["train", str(workdir / "synth" / "site0"), "--set", "optim.lr=1"])
     assert rc == 2 and "optim.lr" in capsys.readouterr().err
 
@@ -122,13 +122,13 @@ def test_train_with_gleam_and_its_config_errors(
     """``train.method=gleam`` trains greedily from the command line; a method the architecture
     cannot take is refused before any data is read, naming the key to change."""
     site = str(workdir / "synth" / "site0")
-    small = ["--set", "model.num_unrolls=2", "--set", "model.cg_iters=2"]
-    small += ["--set", "model.unet_chans=4", "--set", "train.steps=6"]
+    small = ["--set", "model.num-unrolls=2", "--set", "model.cg-iters=2"]
+    small += ["--set", "model.unet-chans=4", "--set", "train.local-steps=6"]
     out = workdir / "gleam"
     rc = main(
         ["train", site, "--out", str(out), "--device", "cpu", *small]
         + ["--set", "train.method=gleam", "--set", "model.shared=false"]
-        + ["--set", "gleam.modules=2", "--set", 'gleam.devices=["cpu", "cpu"]']
+        + ["--set", "gleam.modules=2", "--set", "gleam.devices=cpu,cpu"]
     )
     assert rc == 0, capsys.readouterr().err
     assert "method gleam num_modules=2 devices=['cpu', 'cpu']" in capsys.readouterr().out
@@ -174,7 +174,7 @@ def test_personalize_command_writes_report_and_weights(workdir: Path) -> None:
             "--set",
             "personalize.folds=2",
             "--set",
-            "personalize.max_epochs=2",
+            "personalize.max-epochs=2",
             "--set",
             "personalize.lrs=[1e-3]",
         ]
@@ -189,3 +189,43 @@ def test_personalize_command_writes_report_and_weights(workdir: Path) -> None:
     }
     assert report["fine_tune"] == (report["n_fine"] > 0)
     assert (out / "personalized_model.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "recon", "personalize", "simulate"])
+def test_old_spelling_fails_naming_the_dashed_key_in_every_command(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One spelling for every command: an underscore key fails before anything runs, naming the
+    key and its dashed form."""
+    args = {
+        "train": [str(tmp_path / "no-site")],
+        "recon": [str(tmp_path / "no.h5"), "--method", "zero-filled"],
+        "personalize": ["--checkpoint", str(tmp_path / "no.pt"), "--site", str(tmp_path)],
+        "simulate": ["--out", str(tmp_path)],
+    }[command]
+    rc = main([command, *args, "--set", "model.num_unrolls=4", "--set", "train.lr=1e-3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown run-config key 'model.num_unrolls'; did you mean 'model.num-unrolls'?" in err
+    assert not (tmp_path / "no-site").exists() and not list(tmp_path.glob("*/results.json"))
+
+
+def test_config_command_lists_every_key_with_default_and_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import tomllib
+
+    from recon.config import VALID_KEYS, default_flat
+
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert tomllib.loads(text) == default_flat()  # valid TOML: a starting --config file
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    assert len(lines) == len(VALID_KEYS) and all(" # " in line for line in lines)
+    assert main(["config", "gleam", "--for", "train"]) == 0
+    text = capsys.readouterr().out
+    assert '"gleam.devices" = ""' in text and "model." not in text
+    assert main(["config", "model", "--for", "train"]) == 0
+    assert '"model.num-unrolls" = 6' in capsys.readouterr().out  # the paper's MoDL
+    assert main(["config", "modle"]) == 2
+    assert "unknown section" in capsys.readouterr().err

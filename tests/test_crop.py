@@ -13,9 +13,8 @@ import pytest
 
 from client.site import Site, clear_cache, load_split
 from fedunroll.cli import main
-from fedunroll.jobs import DataConfig, build_section
 from fedunroll.report import data_kwargs_from_config
-from recon.config import ConfigError, parse_run_config
+from recon.config import ConfigError, DataConfig, parse_run_config
 from recon.data import (
     DataError,
     SiteDataset,
@@ -26,7 +25,6 @@ from recon.data import (
     prepare_site,
     write_volume,
 )
-from recon.data.dataset import data_values_from_flat
 from recon.data.prepare import _params
 from recon.physics.coils import np_crop_kspace
 
@@ -147,14 +145,14 @@ def test_crop_config_keys_and_the_one_mapping() -> None:
     assert parse_run_config({}).data.dataset_kwargs()["crop"] is None
     # report figures (flat results.json config) and personalize (a checkpoint's run config)
     assert data_kwargs_from_config(cfg.flat()) == kwargs
-    restored = DataConfig(**data_values_from_flat(cfg.flat()))
+    restored = parse_run_config(cfg.flat()).data  # e.g. a checkpoint's saved run config
     assert restored.dataset_kwargs(rotate=None) == kwargs
     with pytest.raises(ConfigError, match="run-config key 'data.crop': .*bad crop '320'"):
         parse_run_config({"data.crop": "320"})
-    # the centralized CLI's [data] table
+    # the same data section for `fedunroll train` (one run config, one spelling)
     assert DataConfig(crop=[32, 24]).crop == "32x24"
-    with pytest.raises(ValueError, match="data.crop: .*bad crop"):
-        build_section("data", DataConfig, {"crop": "32y24"})
+    with pytest.raises(ValueError, match="data.crop': .*bad crop"):
+        parse_run_config({"data.crop": "32y24"})
 
 
 def test_prepare_command_crop_writes_cropped_maps(

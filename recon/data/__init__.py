@@ -17,8 +17,6 @@ _EXPORTS = {
     "acs_rss_max": "dataset",
     "split_files": "dataset",
     "parse_crop": "dataset",
-    "dataset_kwargs": "dataset",
-    "dataset_kwargs_from_flat": "dataset",
     "DataError": "h5io",
     "Volume": "h5io",
     "check_file": "h5io",
@@ -45,8 +43,6 @@ __all__ = [
     "cache_path",
     "check_file",
     "collate",
-    "dataset_kwargs",
-    "dataset_kwargs_from_flat",
     "generate_site",
     "generate_sites",
     "load_or_compute_maps",
@@ -64,8 +60,6 @@ if TYPE_CHECKING:
     from recon.data.dataset import (
         SiteDataset,
         acs_rss_max,
-        dataset_kwargs,
-        dataset_kwargs_from_flat,
         parse_crop,
         split_files,
     )

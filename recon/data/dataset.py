@@ -40,16 +40,6 @@ from recon.physics.masks import acs_slice, make_mask, slice_seed
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
-# The federated run config's data keys (``recon.config.DataSection``, flat as in results.json and
-# checkpoints' ``run_config``) -> the parameters of :func:`dataset_kwargs`.
-FLAT_DATA_KEYS = {
-    "data.mask": "mask",
-    "data.accel": "accel",
-    "data.acs-frac": "acs_frac",
-    "data.seed": "seed",
-    "data.crop": "crop",
-}
-
 
 def parse_crop(text: object) -> tuple[int, int] | None:
     """An image crop ``(H, W)`` from ``"320x320"``, ``"320,320"`` or two integers; ``None`` or
@@ -73,51 +63,10 @@ def parse_crop(text: object) -> tuple[int, int] | None:
 
 
 def crop_text(value: object) -> str:
-    """A crop setting as the config stores it: ``"HxW"``, or ``""`` for none (pydantic
-    validator of ``data.crop`` in both the run config and ``fedunroll train``)."""
+    """A crop setting as the run config stores it: ``"HxW"``, or ``""`` for none (the
+    validator of ``data.crop``, :class:`recon.config.DataConfig`)."""
     crop = parse_crop(value)
     return "" if crop is None else f"{crop[0]}x{crop[1]}"
-
-
-def dataset_kwargs(
-    mask: str = "random1d",
-    accel: float = 4,
-    acs_frac: float = 0.08,
-    seed: int = 0,
-    maps: str = "espirit",
-    crop: object = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """:class:`SiteDataset` keyword arguments from a data configuration's values.
-
-    The one mapping from the config keys (``data.mask``, ``data.accel``, ``data.acs_frac``,
-    ``data.seed``, ``data.maps``, ``data.crop``) to the dataset, for training, baselines,
-    reports, ``recon`` and personalization alike (so every path orients horizontal-readout files
-    the same way, ``rotate=None``); ``extra`` (``rotate``, ``max_slices``, ...) wins. Adapters: :func:`dataset_kwargs_from_flat` (a flat run
-    config), ``recon.config.DataSection.dataset_kwargs`` and
-    ``fedunroll.jobs.DataConfig.dataset_kwargs``.
-    """
-    return {
-        "mask_kind": mask,
-        "accel": accel,
-        "acs_frac": acs_frac,
-        "seed": seed,
-        "maps_method": maps,
-        "crop": parse_crop(crop),
-        "rotate": None,  # horizontal-readout files (attribute ``readout``) are rotated
-        **extra,
-    }
-
-
-def data_values_from_flat(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The :func:`dataset_kwargs` values present in a flat run config (``{"data.acs-frac": ..}``
-    -> ``{"acs_frac": ..}``; missing keys are left out, i.e. take the defaults)."""
-    return {name: config[key] for key, name in FLAT_DATA_KEYS.items() if key in config}
-
-
-def dataset_kwargs_from_flat(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """:func:`dataset_kwargs` of a flat run config (e.g. ``results.json["config"]``)."""
-    return dataset_kwargs(**data_values_from_flat(config), **extra)
 
 
 def split_files(files: Sequence[Path], split: str) -> list[Path]:

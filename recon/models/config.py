@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from recon.models.denoisers import build_denoiser
 from recon.models.unrolled import MoDL, Unrolled, UnrolledPGD
@@ -13,33 +13,61 @@ from recon.nas.search import build_nas_denoiser
 
 
 class ModelConfig(BaseModel):
-    """Architecture hyper-parameters (defaults: Levac et al. 2023 Sec. 3.1, MoDL Nu=6, NCG=6, U-Net
-    481k)."""
+    """Architecture hyper-parameters: the run config's ``[model]`` section (``model.num-unrolls``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The defaults are Levac et al. 2023 Sec. 3.1 (MoDL, Nu=6, NCG=6, a U-Net of 481k weights);
+    the federated default job and ``fedunroll train`` override a few (``fedunroll config``).
+    Keys are dashed (``num-unrolls``); Python code may use the field names (``num_unrolls``).
+    """
 
-    arch: Literal["modl", "pgd"] = "modl"
-    denoiser: Literal["unet", "resnet", "nas", "convex"] = "unet"
-    num_unrolls: int = Field(6, ge=1, le=64)
-    cg_iters: int = Field(6, ge=1, le=100)
-    lam_init: float = Field(0.05, gt=0)
-    shared: bool = True
-    unet_chans: int = Field(16, ge=1)
-    unet_pools: int = Field(3, ge=1, le=6)
-    resnet_features: int = Field(64, ge=1)
-    resnet_layers: int = Field(5, ge=2)
-    pgd_step_init: float = Field(0.5, gt=0)
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=lambda name: name.replace("_", "-"),
+    )
+
+    arch: Literal["modl", "pgd"] = Field(
+        "modl", description="unrolled network: MoDL (CG data consistency) or unrolled PGD"
+    )
+    denoiser: Literal["unet", "resnet", "nas", "convex"] = Field(
+        "unet",
+        description="learned prior: U-Net, ResNet, NAS cells (GAutoMRI) or convex blocks "
+        "(train.method = layerwise)",
+    )
+    num_unrolls: int = Field(6, ge=1, le=64, description="unrolled iterations Nu")
+    cg_iters: int = Field(6, ge=1, le=100, description="CG steps per data consistency (MoDL)")
+    lam_init: float = Field(0.05, gt=0, description="initial data-consistency weight lambda")
+    shared: bool = Field(True, description="one denoiser shared by all unrolls (else one each)")
+    unet_chans: int = Field(16, ge=1, description="U-Net channels of the first level")
+    unet_pools: int = Field(3, ge=1, le=6, description="U-Net pooling levels")
+    resnet_features: int = Field(64, ge=1, description="ResNet denoiser channels")
+    resnet_layers: int = Field(5, ge=2, description="ResNet denoiser conv layers")
+    pgd_step_init: float = Field(0.5, gt=0, description="initial gradient step of unrolled PGD")
     # denoiser="nas": a genotype file gives the derived network (its channels/cells win);
     # without one, the DARTS search network (GAutoMRI Fig. 2) with softmax-weighted MixedOps.
-    nas_genotype: str | None = None
-    nas_channels: int = Field(16, ge=1)
-    nas_cells: int = Field(3, ge=1)
-    nas_nodes: int = Field(3, ge=1)
+    nas_genotype: str | None = Field(
+        None,
+        description='derived NAS genotype file ("" = the search net, for nas.search-rounds > 0)',
+    )
+    nas_channels: int = Field(16, ge=1, description="NAS search net channels")
+    nas_cells: int = Field(3, ge=1, description="NAS search net cells")
+    nas_nodes: int = Field(3, ge=1, description="intermediate nodes per NAS cell")
     # denoiser="convex": two-layer conv-ReLU-1x1 blocks with skips (Ozturkler et al., ISMRM 2021),
     # trainable layer-wise.
-    convex_blocks: int = Field(4, ge=1)
-    convex_hidden: int = Field(64, ge=1)
-    convex_kernel: int = Field(7, ge=1)
+    convex_blocks: int = Field(4, ge=1, description="convex denoiser blocks (layer-wise stages)")
+    convex_hidden: int = Field(64, ge=1, description="hidden channels per convex block")
+    convex_kernel: int = Field(7, ge=1, description="kernel size of the convex blocks")
+
+    @field_validator("nas_genotype", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # TOML has no null: "" means no genotype file
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_serializer("nas_genotype")
+    def _none_is_empty(self, value: str | None) -> str:
+        return value or ""
 
 
 def build_model(

@@ -13,9 +13,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,18 +28,73 @@ from recon.train.losses import get_loss
 
 
 class TrainConfig(BaseModel):
-    """Local optimisation settings. ``steps`` wins over ``epochs`` when both are given."""
+    """Local optimisation settings: the run config's ``[train]`` section (``train.local-steps``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``steps`` (key ``local-steps``: per round in a federation) wins over ``epochs``; ``0`` steps
+    (``None`` in Python) trains ``epochs`` passes instead. Defaults: Levac et al. 2023 Sec. 3.1
+    (Adam, batch 1, SSIM loss).
+    """
 
-    lr: float = Field(1e-3, gt=0)
-    steps: int | None = Field(None, ge=1)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1, ge=1)
-    loss: str = "ssim"
-    seed: int = 0
-    grad_clip: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=lambda name: name.replace("_", "-"),
+    )
+
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        alias="local-steps",
+        description="optimizer steps per local training, per round in a federation (0 = epochs)",
+    )
+    epochs: int = Field(1, ge=1, description="passes over the data when local-steps = 0")
+    batch_size: int = Field(1, ge=1, description="slices per optimizer step")
+    loss: str = Field(
+        "ssim", description="loss: ssim | l1 | l2 | rss-l1 (Levac et al. 2023 Eq. 9: SSIM on RSS)"
+    )
+    seed: int = Field(0, description="seed of the weights' initialisation and the slice order")
+    grad_clip: float | None = Field(None, gt=0, description="gradient-norm clip (0 = none)")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    # Which local trainer (recon.train.methods.local_train): end-to-end, end-to-end with one
+    # activation checkpoint per unroll (same result, less memory), greedy GLEAM modules or
+    # layer-wise convex blocks (Ozturkler et al. 2021, model.denoiser = "convex").
+    method: str = Field("e2e", description="local trainer: e2e | checkpoint | gleam | layerwise")
+    # Communication budget (Levac et al. 2023 Sec. 3.4): a fixed total of local steps split over
+    # the rounds; when > 0 it overrides local-steps with total-steps / num-server-rounds.
+    total_steps: int = Field(
+        0, ge=0, description="federation: local steps over all rounds (0 = local-steps per round)"
+    )
+
+    @field_validator("steps", "grad_clip", mode="before")
+    @classmethod
+    def _zero_is_none(cls, value: Any) -> Any:
+        # TOML has no null: 0 means "no step count" / "no clipping"
+        return None if value == 0 and not isinstance(value, bool) else value
+
+    @field_serializer("steps")
+    def _no_steps(self, value: int | None) -> int:
+        return value or 0
+
+    @field_serializer("grad_clip")
+    def _no_clip(self, value: float | None) -> float:
+        return value or 0.0
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        get_loss(value)  # unknown names fail naming the choices
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from recon.train.methods import METHODS  # the trainers import this module
+
+        if value not in METHODS:
+            raise ValueError(f"unknown train.method {value!r}; choose one of {list(METHODS)}")
+        return value
 
 
 @dataclass
