@@ -97,14 +97,10 @@ def _as_slices(
     return SiteSlices(site_dirs, data_kwargs, max_train_slices)
 
 
-def _summary(result: Mapping[str, object]) -> Metrics:
-    return {k: float(result[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
-
-
 def _evaluate_sites(
     model: Unrolled | None, data: SiteSlices, split: str, device: torch.device | str
 ) -> dict[str, Metrics]:
-    return {s: _summary(evaluate(model, data.get(s, split), device)) for s in data.sites}
+    return {s: evaluate(model, data.get(s, split), device).as_dict() for s in data.sites}
 
 
 def _sites_bar(items: Iterable[str], desc: str, progress: bool | None) -> Iterable[str]:
@@ -169,7 +165,7 @@ def local_only(
         model = build_model(model_cfg)
         model.load_state_dict(start)
         train(model, data.get(site, "train"), cfg, device, progress=progress, desc=site)
-        out[site] = _summary(evaluate(model, data.get(site, split), device))
+        out[site] = evaluate(model, data.get(site, split), device).as_dict()
     return out
 
 

@@ -74,7 +74,7 @@ def make_folds(dataset: Slices, k: int, seed: int = 0) -> list[list[int]]:
 
 
 def _ssim(model: Unrolled, data: Slices, device: str) -> float:
-    return float(evaluate(model, data, device)["ssim"])  # type: ignore[arg-type]
+    return evaluate(model, data, device).ssim
 
 
 def _fine_tune_curve(
@@ -180,5 +180,4 @@ def personalize(
 
 
 def _metrics(model: Unrolled, data: Slices, device: str) -> dict[str, float]:
-    out = evaluate(model, data, device)
-    return {k: float(out[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
+    return evaluate(model, data, device).as_dict()
