@@ -4,14 +4,16 @@
 #
 #   1. engine: apt-get install docker.io docker-compose debootstrap (if missing)
 #   2. daemon: start dockerd in the background if `docker info` fails (log: $DOCKERD_LOG)
-#   3. base image: debootstrap Debian bookworm (minbase + python3.11, venv, openssl,
-#      ca-certificates) and `docker import` it as $BASE_IMAGE (skipped if the image exists)
+#   3. base image: debootstrap Debian $DEBIAN_SUITE (minbase + python3.11, venv, openssl,
+#      ca-certificates) and `docker import` it as $BASE_IMAGE (skipped if the image exists),
+#      from $DEBIAN_MIRROR or else the Debian mirror this machine's apt uses for that suite
 #   4. wheelhouse: the project's wheel + every dependency at the versions of the tested venv
 #      (`pip freeze` of $VENV as constraints), in deploy/wheelhouse (reused if complete)
 #   5. image: docker build --build-arg BASE_IMAGE=$BASE_IMAGE -t $IMAGE (offline install)
 #
 # Each step's wall time goes to stdout and to $TIMINGS (one "step seconds" line each).
-# Usage: deploy/ci-docker.sh [--no-build]      (env: IMAGE, BASE_IMAGE, VENV, DOCKER_STORAGE_DRIVER)
+# Usage: deploy/ci-docker.sh [--no-build | --print-mirror]
+#   env: IMAGE, BASE_IMAGE, VENV, DOCKER_STORAGE_DRIVER, DEBIAN_MIRROR, DEBIAN_SUITE, APT_ETC
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,10 +25,84 @@ WHEELHOUSE=$ROOT/deploy/wheelhouse
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/fedunroll-dockerd.log}
 TIMINGS=${TIMINGS:-$ROOT/deploy/.ci-docker-times}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-}
+DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
+APT_ETC=${APT_ETC:-/etc/apt} # where apt's sources are read from
 BUILD=1
 [[ ${1:-} == --no-build ]] && BUILD=0
 
 log() { printf '[ci-docker] %s\n' "$*"; }
+
+apt_mirror() { # the first enabled `deb` source of apt that carries $DEBIAN_SUITE, or nothing
+    local f m
+    # One-line format: deb [options] URI SUITE COMPONENTS...
+    for f in "$APT_ETC/sources.list" "$APT_ETC"/sources.list.d/*.list; do
+        [[ -r $f ]] || continue
+        m=$(awk -v suite="$DEBIAN_SUITE" '
+            { sub(/#.*/, "") }
+            $1 == "deb" {
+                i = 2
+                if ($2 ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; i++ }
+                if ($(i + 1) == suite && $i ~ /^(https?|file):/) { print $i; exit }
+            }' "$f")
+        [[ -n $m ]] && echo "$m" && return
+    done
+    # deb822 format (*.sources): stanzas of Types/URIs/Suites/Enabled fields.
+    for f in "$APT_ETC"/sources.list.d/*.sources; do
+        [[ -r $f ]] || continue
+        m=$(awk -v suite="$DEBIAN_SUITE" '
+            function flush() {
+                if (found) return
+                if (types ~ / deb( |$)/ && suites ~ (" " suite "( |$)") && enabled != "no" &&
+                    split(uris, u, " ") > 0 && u[1] ~ /^(https?|file):/) {
+                    print u[1]
+                    found = 1
+                    exit
+                }
+                types = suites = uris = key = ""; enabled = "yes"
+            }
+            BEGIN { enabled = "yes" }
+            /^[ \t]*$/ { flush(); next }
+            /^#/ { next }
+            /^[ \t]/ {
+                if (key == "types") types = types " " $0
+                else if (key == "suites") suites = suites " " $0
+                else if (key == "uris") uris = uris " " $0
+                next
+            }
+            {
+                key = tolower(substr($0, 1, index($0, ":") - 1))
+                v = substr($0, index($0, ":") + 1)
+                if (key == "types") types = " " v
+                else if (key == "suites") suites = " " v
+                else if (key == "uris") uris = v
+                else if (key == "enabled") { enabled = tolower(v); gsub(/[ \t]/, "", enabled) }
+            }
+            END { flush() }' "$f")
+        [[ -n $m ]] && echo "$m" && return
+    done
+    return 0
+}
+
+debian_mirror() {
+    if [[ -n $DEBIAN_MIRROR ]]; then
+        echo "$DEBIAN_MIRROR"
+        return
+    fi
+    local m
+    m=$(apt_mirror)
+    if [[ -z $m ]]; then
+        log "no Debian mirror for '$DEBIAN_SUITE' in apt's sources ($APT_ETC/sources.list," \
+            "$APT_ETC/sources.list.d/*.list, *.sources); set DEBIAN_MIRROR to the URL of a" \
+            "Debian archive that debootstrap can use" >&2
+        return 1
+    fi
+    echo "$m"
+}
+
+if [[ ${1:-} == --print-mirror ]]; then
+    debian_mirror
+    exit
+fi
 : >"$TIMINGS"
 step() { # step NAME FUNCTION: run and time it
     local t0=$SECONDS
@@ -108,20 +184,6 @@ start_daemon() {
     log "engine up: $(docker info --format '{{.ServerVersion}} ({{.Driver}})')"
 }
 
-debian_mirror() {
-    if [[ -n $DEBIAN_MIRROR ]]; then
-        echo "$DEBIAN_MIRROR"
-        return
-    fi
-    # The mirror apt already uses (deb822 or one-line format); deb.debian.org otherwise.
-    local m
-    m=$(grep -hoE '^URIs: *[^ ]+' /etc/apt/sources.list.d/*.sources 2>/dev/null |
-        awk '{print $2}' | grep -v security | head -n1 || true)
-    [[ -z $m ]] && m=$(grep -hoE '^deb +[^ ]+' /etc/apt/sources.list 2>/dev/null |
-        awk '{print $2}' | grep -v security | head -n1 || true)
-    echo "${m:-http://deb.debian.org/debian}"
-}
-
 build_base() {
     if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         log "base image $BASE_IMAGE exists"
@@ -136,10 +198,12 @@ build_base() {
     rootfs=$(mktemp -d /var/tmp/fedunroll-rootfs.XXXXXX)
     # shellcheck disable=SC2064
     trap "$SUDO rm -rf '$rootfs'" RETURN
-    log "debootstrap bookworm (minbase + python3) from $(debian_mirror)"
+    local mirror
+    mirror=$(debian_mirror) || exit 1
+    log "debootstrap $DEBIAN_SUITE (minbase + python3) from $mirror"
     $SUDO debootstrap --variant=minbase \
         --include=python3,python3-venv,ca-certificates,openssl \
-        bookworm "$rootfs" "$(debian_mirror)" >"$rootfs.log" 2>&1 ||
+        "$DEBIAN_SUITE" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 ||
         {
             tail -n 30 "$rootfs.log" >&2
             exit 1
@@ -185,9 +249,10 @@ build_wheelhouse() {
     "$pip" wheel -q --no-deps -w "$tmp" "$ROOT"
     # `pip wheel` downloads binary wheels and builds the few sdists, so the image build needs
     # neither a compiler nor the network. Host python = image python (3.11, x86_64 glibc).
-    # setuptools + wheel: to build the project from source offline (--no-build-isolation).
+    # setuptools (pyproject's build requirement): to build the project from source offline
+    # (--no-build-isolation).
     "$pip" wheel -q -w "$WHEELHOUSE" -c "$pins" "$(ls "$tmp"/fedunroll-*.whl)" \
-        "setuptools>=68" wheel
+        "setuptools>=77"
     rm -f "$WHEELHOUSE"/fedunroll-*.whl
     cp "$ROOT/constraints.txt" "$ROOT/pyproject.toml" "$WHEELHOUSE/"
     # name==version of every wheel: what the image installs, offline.
