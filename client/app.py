@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +30,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import nas
-from client.control import forget_run, load_control, save_control
-from client.site import Site, error_reply, load_split, resolve_site, site_label, split_key
-from recon.config import RunConfig, parse_run_config
-from recon.data.sample import collate
+from client.control import ScaffoldRound, forget_run, gradient_at, load_control, save_control
+from client.personalize import register as register_personalization
+from client.site import Site, load_split, site_handler, split_key
+from recon.config import RunConfig
+from recon.data.sample import Slices
 from recon.models import Unrolled
 from recon.runtime import tune_malloc
-from recon.train import TrainHooks, evaluate, get_loss
+from recon.train import TrainHooks, TrainResult, evaluate
 from recon.train.methods import local_train
 from strategies import maths
 from strategies.protocol import (
@@ -56,6 +58,9 @@ from strategies.protocol import (
     SCAFFOLD_OPTION,
     SERVER_ROUND,
     SITE_ID,
+    get_float,
+    get_int,
+    get_str,
     to_numpy,
     to_record,
 )
@@ -71,27 +76,23 @@ def round_seed(base: int, server_round: int, site_id: str) -> int:
     return zlib.crc32(f"{base}/{server_round}/{site_id}".encode()) & 0x7FFFFFFF
 
 
-def _setup(context: Context) -> tuple[RunConfig, Site]:
-    torch.set_num_threads(1)  # clients share the cores; 1 thread each is fastest (notes)
-    cfg = parse_run_config(dict(context.run_config))
-    return cfg, resolve_site(dict(context.node_config), cfg)
+@dataclass(frozen=True)
+class _Round:
+    """One round of one run at one site: what the site's own state (``context.state`` and its
+    round-tagged files) is keyed by."""
+
+    state: RecordDict
+    site: Site
+    run_uid: str
+    server_round: int
 
 
-def _load_model(
-    cfg: RunConfig, record: ArrayRecord, device: str, config: ConfigRecord | None = None
-) -> Unrolled:
-    # a searched denoiser's genotype travels in the message (client/nas.py)
-    model = nas.build_site_model(cfg, config or ConfigRecord())
-    model.load_state_dict(record.to_torch_state_dict(), strict=True)
-    return model.to(device)
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(CONFIG, ConfigRecord())
 
 
 def _state_record(model: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-
-def _summary(result: Mapping[str, object], prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}{k}": float(result[k]) for k in ("ssim", "nrmse", "psnr")}  # type: ignore[arg-type]
 
 
 def _reply(msg: Message, site: Site, metrics: dict[str, Any], **arrays: ArrayRecord) -> Message:
@@ -105,211 +106,155 @@ def _reply(msg: Message, site: Site, metrics: dict[str, Any], **arrays: ArrayRec
     return Message(content, reply_to=msg)
 
 
-def _gradient_at(
-    model: Unrolled, data: Any, cfg: RunConfig, reference: Mapping[str, np.ndarray], device: str
-) -> dict[str, np.ndarray]:
-    """g_k(x): the mean loss gradient over the first ``scaffold.grad-slices`` slices at x.
-
-    Keyed like ``reference`` (c); arrays without a gradient (buffers) get zeros.
-    """
-    loss_fn = get_loss(cfg.train.loss)
-    params = dict(model.named_parameters())
-    model.zero_grad(set_to_none=True)
-    n = min(cfg.scaffold.grad_slices, len(data))
-    for i in range(n):
-        sample = collate([data[i]]).to(device)
-        physics = sample.physics()
-        (loss_fn(model(sample.kspace, physics), sample, physics) / n).backward()  # type: ignore[arg-type]
-    out = {}
-    for k, ref in reference.items():
-        grad = params[k].grad if k in params else None
-        out[k] = np.zeros_like(ref) if grad is None else grad.detach().cpu().numpy()
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def _scaffold_hook(
-    model: Unrolled, c_global: Mapping[str, np.ndarray], c_local: Mapping[str, np.ndarray]
-) -> tuple[Callable[[torch.nn.Module], None], dict[str, torch.Tensor], dict[str, int]]:
-    """``after_backward`` adding ``c - c_k`` to the gradients (Levac et al. 2023 Alg. 1 line 6).
-
-    Only parameters that have a gradient in this backward pass are corrected: GLEAM and
-    layer-wise training call the hook once per module / block with the other ``.grad`` left
-    ``None``, and frozen parameters (GLEAM's data-consistency weights) never have one. Also sums
-    the corrected gradients and counts, per parameter, the backward passes it took part in;
-    option (ii) is computed from both.
-    """
-    params = dict(model.named_parameters())
-    device = next(model.parameters()).device
-    corr = {
-        k: torch.as_tensor(np.asarray(c_global[k] - c_local[k])).to(device)
-        for k in c_global
-        if k in params
-    }
-    grad_sum = {k: torch.zeros_like(params[k]) for k in corr}
-    counts = dict.fromkeys(corr, 0)
-
-    def after_backward(_: torch.nn.Module) -> None:
-        for k, d in corr.items():
-            p = params[k]
-            if p.grad is None:  # not trained by this backward pass (other module, frozen)
-                continue
-            p.grad.add_(d.to(p.grad.device))
-            grad_sum[k].add_(p.grad.to(grad_sum[k].device))
-            counts[k] += 1
-
-    return after_backward, grad_sum, counts
-
-
+# --- training -------------------------------------------------------------------------------
 @app.train()
-def train_handler(msg: Message, context: Context) -> Message:
+@site_handler
+def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
     """Local training of the received global model; see the module docstring."""
-    site_name = site_label(context)
-    try:
-        cfg, site = _setup(context)
-        site_name = site.site_id
-        return _train(msg, context, cfg, site)
-    except Exception as exc:  # a site's failure is its reply, never a crash of the federation
-        return error_reply(msg, site_name, exc)
-
-
-def _train(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
     t0 = time.perf_counter()
-    config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    server_round = int(config.get(SERVER_ROUND, 1))  # type: ignore[arg-type]
-    run_uid = str(config.get(RUN_UID, "run"))
+    config = _config(msg)
+    server_round = get_int(config, SERVER_ROUND, 1)
     data = load_split(site, cfg, "train")
     seed = round_seed(cfg.train.seed, server_round, site.site_id)
     if NAS_ALPHA in msg.content.array_records:  # search phase (client/nas.py)
         records, search_metrics = nas.search_train(msg, cfg, data, site.device, seed)
         return _reply(msg, site, search_metrics, **records)
-    model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
-    fair_metrics: dict[str, float] = {}
-    if config.get(FAIR_REPORT):  # fairfedavg: G_c of the received model (GAutoMRI Eq. 9)
-        fair_metrics[FAIR_RISK_GAP] = nas.global_risk_gap(context.state, run_uid, model, data, cfg)
-    if cfg.ema.enabled:  # start from the site's EMA of the global weights (FedAutoMRI Eq. 7)
-        received = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-        omega = nas.apply_ema(context.state, site.state_path, run_uid, server_round, received, cfg)
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in omega.items()})
+    rnd = _Round(context.state, site, get_str(config, RUN_UID, "run"), server_round)
+    fair = bool(config.get(FAIR_REPORT))  # fairfedavg (GAutoMRI Eq. 9-11)
+    metrics: dict[str, Any] = {}
+
+    model = nas.received_model(cfg, msg, site.device)
+    if fair:  # G_c of the received model (GAutoMRI Eq. 9)
+        metrics[FAIR_RISK_GAP] = nas.global_risk_gap(rnd.state, rnd.run_uid, model, data, cfg)
+    if cfg.ema.enabled:
+        _start_from_ema(model, rnd, cfg)
     x = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the start point
-    hooks = TrainHooks()
-
-    mu = float(config.get(FEDPROX_MU, 0.0))  # type: ignore[arg-type]
-    if mu > 0:  # FedProx (Li et al. 2020, eq. 2)
-
-        def regularizer(m: torch.nn.Module) -> torch.Tensor:
-            return maths.proximal_term(dict(m.named_parameters()), x, mu)
-
-        hooks.regularizer = regularizer
-
-    scaffold = SCAFFOLD_C_GLOBAL in msg.content.array_records
-    extra: dict[str, ArrayRecord] = {}
-    if scaffold:
-        option = str(config.get(SCAFFOLD_OPTION, cfg.scaffold.option))
-        c_global = to_numpy(msg.content.array_records[SCAFFOLD_C_GLOBAL])
-        c_local, loaded_round = load_control(
-            context.state, site.state_path, run_uid, server_round, c_global
-        )
-        grad_x = _gradient_at(model, data, cfg, c_global, site.device) if option == "i" else None
-        hooks.after_backward, grad_sum, counts = _scaffold_hook(model, c_global, c_local)
-
-    steps = cfg.local_steps
-    train_cfg = cfg.train.model_copy(update={"steps": steps, "seed": seed})
-    options = cfg.method_options(site.gleam_devices)  # P-GLEAM over the site's GPUs, if set
-    result = local_train(
-        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options
+    scaffold = _scaffold_round(msg, cfg, rnd, model, data)
+    hooks = TrainHooks(
+        regularizer=_proximal(x, get_float(config, FEDPROX_MU, 0.0)),
+        after_backward=scaffold.after_backward if scaffold is not None else None,
     )
+    result = _local_train(cfg, site, model, data, seed, hooks)
+    extra: dict[str, ArrayRecord] = {}
+    if scaffold is not None:
+        extra[SCAFFOLD_C_DELTA] = _end_scaffold(scaffold, rnd, x, cfg)
+    if fair:  # this round's local loss: next round's reference
+        metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(rnd.state, rnd.run_uid, model, data, cfg)
 
-    if scaffold:
-        lr = cfg.train.lr
-        x_np = {k: v.cpu().numpy() for k, v in x.items()}
-        # Alg. 1 line 7 (ii) is c_k - c + (x - y_k) / (K eta_l). With plain SGD,
-        # (x - y_k) / (K eta_l) is exactly the mean corrected gradient; with Adam (the paper's
-        # local optimiser) the displacement is rescaled per coordinate, so we pass the
-        # displacement SGD would have made: y_sgd = x - eta_l * sum of corrected gradients.
-        # GLEAM / layer-wise train each parameter in only n_k of the K steps (a layer-wise
-        # block for K / blocks steps): the sum is scaled by K / n_k, so the mean is over the
-        # steps the parameter was trained in and c_k^+ is the mean of its own gradients.
-        y_sgd = {
-            k: np.asarray(x_np[k] - lr * (steps / counts[k]) * g.cpu().numpy())
-            for k, g in grad_sum.items()
-            if counts[k]
-        }
-        c_new, c_delta = maths.scaffold_client_control_update(
-            option,
-            c_local=c_local,
-            c_global=c_global,
-            x_global=x_np,
-            y_local={**x_np, **y_sgd},
-            local_steps=steps,
-            lr=lr,
-            grad_at_global=grad_x,
-        )
-        # A parameter that got no gradient in any step (frozen by the method, e.g. GLEAM's
-        # data-consistency weights) was not corrected and says nothing about this site's
-        # drift: its c_k stays as it was and Delta c_k = 0, for both options (option (ii) would
-        # otherwise give c_k - c, and option (i) a gradient of a parameter that never moves).
-        for k in c_new:
-            if counts.get(k, 0) == 0:
-                c_new[k] = np.array(c_local[k], copy=True)
-                c_delta[k] = np.zeros_like(c_delta[k])
-        save_control(context.state, site.state_path, run_uid, server_round, c_new, loaded_round)
-        extra[SCAFFOLD_C_DELTA] = to_record(c_delta)
-
-    if config.get(FAIR_REPORT):  # this round's local loss: next round's reference
-        fair_metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(
-            context.state, run_uid, model, data, cfg
-        )
-    val = evaluate(model, load_split(site, cfg, "val"), site.device)
-    metrics = {
-        **fair_metrics,
-        NUM_EXAMPLES: len(data),
-        "train-loss": result.mean_loss,
-        "train-final-loss": result.final_loss,
-        "steps": result.steps,
-        **_summary(val),
-        "train-seconds": result.seconds,
-        "seconds": time.perf_counter() - t0,
-    }
+    metrics.update(_train_metrics(result, len(data)))
+    metrics.update(evaluate(model, load_split(site, cfg, "val"), site.device).as_dict())
+    metrics.update({"train-seconds": result.seconds, "seconds": time.perf_counter() - t0})
     return _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)
 
 
+def _start_from_ema(model: Unrolled, rnd: _Round, cfg: RunConfig) -> None:
+    """Start from the site's EMA of the received global weights (FedAutoMRI Eq. 7)."""
+    received = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    omega = nas.apply_ema(
+        rnd.state, rnd.site.state_path, rnd.run_uid, rnd.server_round, received, cfg
+    )
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in omega.items()})
+
+
+def _proximal(
+    x: dict[str, torch.Tensor], mu: float
+) -> Callable[[torch.nn.Module], torch.Tensor] | None:
+    """FedProx's (mu/2) ||w - x||^2 (Li et al. 2020, eq. 2) as a loss term; None for mu = 0."""
+    if mu <= 0:
+        return None
+
+    def regularizer(m: torch.nn.Module) -> torch.Tensor:
+        return maths.proximal_term(dict(m.named_parameters()), x, mu)
+
+    return regularizer
+
+
+def _scaffold_round(
+    msg: Message, cfg: RunConfig, rnd: _Round, model: Unrolled, data: Slices
+) -> ScaffoldRound | None:
+    """Scaffold's correction for this round when the message carries c (``scaffold.c-global``):
+    this site's c_k as it was before the round and, for option (i), g_k(x)."""
+    if SCAFFOLD_C_GLOBAL not in msg.content.array_records:
+        return None
+    option = get_str(_config(msg), SCAFFOLD_OPTION, cfg.scaffold.option)
+    c_global = to_numpy(msg.content.array_records[SCAFFOLD_C_GLOBAL])
+    c_local, loaded_round = load_control(
+        rnd.state, rnd.site.state_path, rnd.run_uid, rnd.server_round, c_global
+    )
+    grad_x = None
+    if option == "i":
+        slices, device = cfg.scaffold.grad_slices, rnd.site.device
+        grad_x = gradient_at(model, data, cfg.train.loss, slices, c_global, device)
+    return ScaffoldRound(model, option, c_global, c_local, grad_x, loaded_round)
+
+
+def _end_scaffold(
+    scaffold: ScaffoldRound, rnd: _Round, x: dict[str, torch.Tensor], cfg: RunConfig
+) -> ArrayRecord:
+    """c_k^+ kept at the site (state and disk); Delta c_k for the reply."""
+    x_np = {k: v.cpu().numpy() for k, v in x.items()}
+    c_new, c_delta = scaffold.control_update(x_np, cfg.local_steps, cfg.train.lr)
+    save_control(
+        rnd.state,
+        rnd.site.state_path,
+        rnd.run_uid,
+        rnd.server_round,
+        c_new,
+        scaffold.loaded_round,
+    )
+    return to_record(c_delta)
+
+
+def _local_train(
+    cfg: RunConfig, site: Site, model: Unrolled, data: Slices, seed: int, hooks: TrainHooks
+) -> TrainResult:
+    """``train.local-steps`` steps of ``train.method`` with this round's seed."""
+    train_cfg = cfg.train.model_copy(update={"steps": cfg.local_steps, "seed": seed})
+    options = cfg.method_options(site.gleam_devices)  # P-GLEAM over the site's GPUs, if set
+    return local_train(
+        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options
+    )
+
+
+def _train_metrics(result: TrainResult, num_examples: int) -> dict[str, Any]:
+    return {
+        NUM_EXAMPLES: num_examples,
+        "train-loss": result.mean_loss,
+        "train-final-loss": result.final_loss,
+        "steps": result.steps,
+    }
+
+
+# --- evaluation -----------------------------------------------------------------------------
 @app.evaluate()
-def evaluate_handler(msg: Message, context: Context) -> Message:
+@site_handler
+def evaluate_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
     """SSIM / NRMSE / PSNR of the received model (and of zero-filled) on the site's slices."""
-    site_name = site_label(context)
-    try:
-        cfg, site = _setup(context)
-        site_name = site.site_id
-        t0 = time.perf_counter()
-        config = msg.content.config_records.get(CONFIG, ConfigRecord())
-        split = str(config.get(EVAL_SPLIT, "val"))
-        if split not in ("val", "test"):
-            raise ValueError(f"config {EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
-        data = load_split(site, cfg, split)
-        model = _load_model(cfg, msg.content[ARRAYS], site.device, config)  # type: ignore[arg-type]
-        if NAS_ALPHA in msg.content.array_records:  # search phase: the supernet with global α
-            nas.load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
-        result = evaluate(model, data, site.device)
-        zf_key = split_key(site, cfg, split)
-        if zf_key not in _ZERO_FILLED:
-            _ZERO_FILLED[zf_key] = _summary(evaluate(None, data, site.device), "zf-")
-        metrics = {
-            NUM_EXAMPLES: len(data),
-            **_summary(result),
-            **_ZERO_FILLED[zf_key],
-            "seconds": time.perf_counter() - t0,
-        }
-        if config.get(RUN_DONE):
-            run_uid = str(config.get(RUN_UID, "run"))
-            forget_run(context.state, site.state_path, run_uid)
-            nas.forget_nas_state(context.state, site.state_path, run_uid)
-        return _reply(msg, site, metrics)
-    except Exception as exc:
-        return error_reply(msg, site_name, exc)
+    t0 = time.perf_counter()
+    config = _config(msg)
+    split = get_str(config, EVAL_SPLIT, "val")
+    if split not in ("val", "test"):
+        raise ValueError(f"config {EVAL_SPLIT!r}: expected 'val' or 'test', got {split!r}")
+    data = load_split(site, cfg, split)
+    model = nas.received_model(cfg, msg, site.device)
+    if NAS_ALPHA in msg.content.array_records:  # search phase: the supernet with global α
+        nas.load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
+    result = evaluate(model, data, site.device)
+    zf_key = split_key(site, cfg, split)
+    if zf_key not in _ZERO_FILLED:
+        _ZERO_FILLED[zf_key] = evaluate(None, data, site.device).as_dict("zf-")
+    metrics = {
+        NUM_EXAMPLES: len(data),
+        **result.as_dict(),
+        **_ZERO_FILLED[zf_key],
+        "seconds": time.perf_counter() - t0,
+    }
+    if config.get(RUN_DONE):
+        run_uid = get_str(config, RUN_UID, "run")
+        forget_run(context.state, site.state_path, run_uid)
+        nas.forget_nas_state(context.state, site.state_path, run_uid)
+    return _reply(msg, site, metrics)
 
 
-# Personalization phase (issue 5): ``query.site``, ``train.personalize`` (client/personalize.py).
-from client.personalize import register as _register_personalization  # noqa: E402
-
-_register_personalization(app)
+# Personalization phase: ``query.site``, ``train.personalize`` (client/personalize.py).
+register_personalization(app)

@@ -42,7 +42,17 @@ from recon.models import Unrolled, build_model
 from recon.nas import Genotype, alpha_state, load_alpha_state
 from recon.train import empirical_risk, milenas_train, split_train_val
 from strategies import nas_maths
-from strategies.protocol import ARRAYS, NAS_ALPHA, NAS_GENOTYPE, NUM_EXAMPLES, to_numpy, to_record
+from strategies.protocol import (
+    ARRAYS,
+    CONFIG,
+    NAS_ALPHA,
+    NAS_GENOTYPE,
+    NUM_EXAMPLES,
+    get_float,
+    get_int,
+    to_numpy,
+    to_record,
+)
 
 FAIR_STATE = "fair.prev-loss"
 EMA_ARRAYS = "ema.state"
@@ -63,6 +73,14 @@ def build_site_model(cfg: RunConfig, config: ConfigRecord) -> Unrolled:
     return build_model(cfg.model, genotype=genotype_of(config))
 
 
+def received_model(cfg: RunConfig, msg: Message, device: str) -> Unrolled:
+    """The message's ``arrays`` in the network of ``cfg.model`` (with the message's genotype,
+    if any), on ``device``."""
+    model = build_site_model(cfg, msg.content.config_records.get(CONFIG, ConfigRecord()))
+    model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict(), strict=True)
+    return model.to(device)
+
+
 # --- risk gap ---------------------------------------------------------------------------------
 def global_risk_gap(
     context_state: RecordDict, run_uid: str, model: torch.nn.Module, data: Any, cfg: RunConfig
@@ -73,7 +91,7 @@ def global_risk_gap(
     meta = context_state.config_records.get(FAIR_STATE)
     prev = None
     if meta is not None and meta.get("run-uid") == run_uid:
-        prev = float(meta["loss"])  # type: ignore[arg-type]
+        prev = get_float(meta, "loss")
     return nas_maths.risk_gap(loss, prev)
 
 
@@ -100,10 +118,11 @@ def _load_ema(
     if (
         meta is not None
         and meta.get("run-uid") == run_uid
-        and int(meta["round"]) < server_round  # type: ignore[arg-type]
+        and get_int(meta, "round") < server_round
         and EMA_ARRAYS in state.array_records
     ):
-        return to_numpy(state.array_records[EMA_ARRAYS]), int(meta["t"]), int(meta["round"])  # type: ignore[arg-type]
+        arrays = to_numpy(state.array_records[EMA_ARRAYS])
+        return arrays, get_int(meta, "t"), get_int(meta, "round")
     files = _ema_files(state_path, run_uid)
     latest = files.latest_before(server_round)
     if latest is not None:
@@ -129,7 +148,7 @@ def _save_ema(
     )
     try:
         _ema_files(state_path, run_uid).save(
-            server_round, {"__t__": np.int64(t), **dict(arrays)}, keep_from=loaded_round
+            server_round, {"__t__": np.asarray(t, dtype=np.int64), **arrays}, keep_from=loaded_round
         )
     except OSError:
         pass  # read-only state path: the context.state copy serves an uninterrupted run
@@ -172,7 +191,7 @@ def search_train(
     """One site's local MiLeNAS search; returns the reply records and metrics."""
     t0 = time.perf_counter()
     model = build_model(cfg.model)
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
+    model.load_state_dict(msg.content.array_records[ARRAYS].to_torch_state_dict(), strict=True)
     load_alpha_state(model, to_numpy(msg.content.array_records[NAS_ALPHA]))
     model.to(device)
     train_set, val_set = split_train_val(data, cfg.nas.val_fraction, cfg.train.seed)

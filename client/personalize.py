@@ -28,18 +28,17 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from client.nas import build_site_model, genotype_of
-from client.site import Site, error_reply, load_split, resolve_site, site_label
-from recon.config import RunConfig, parse_run_config
+from client.nas import genotype_of, received_model
+from client.site import Site, load_split, site_handler
+from recon.config import RunConfig
 from recon.fileio import atomic_write_json
+from recon.models import Unrolled
 from recon.models.checkpoint import save_checkpoint
 from recon.train.personalize import PersonalizeConfig, personalize
 from strategies.protocol import (
-    ARRAYS,
     CONFIG,
     METRIC_KEYS,
     METRICS,
@@ -53,6 +52,9 @@ from strategies.protocol import (
     SITE_ID,
     SITE_QUERY,
     UNSEEN,
+    get_float,
+    get_int,
+    get_str,
 )
 
 MODEL_FILE = "personalized_model.pt"
@@ -72,93 +74,90 @@ def is_unseen(node_config: dict[str, Any], cfg: RunConfig) -> bool:
             return value.strip().lower() in ("1", "true", "yes")
         return bool(value)
     if "data-path" not in node_config and "partition-id" in node_config:
-        return int(node_config["partition-id"]) >= cfg.data.num_sites  # type: ignore[arg-type]
+        return get_int(node_config, "partition-id") >= cfg.data.num_sites
     return False
 
 
 def personalize_config(cfg: RunConfig, config: ConfigRecord) -> PersonalizeConfig:
     """The CV grid the server sent (falling back to the run config), with the training loss."""
     p = cfg.personalize
-    lrs = str(config.get(P_LRS, p.lrs))
+    lrs = get_str(config, P_LRS, p.lrs)
     return PersonalizeConfig(
         lrs=tuple(float(v) for v in lrs.split(",") if v.strip()),
-        max_epochs=int(config.get(P_MAX_EPOCHS, p.max_epochs)),  # type: ignore[arg-type]
-        folds=int(config.get(P_FOLDS, p.folds)),  # type: ignore[arg-type]
-        patience=int(config.get(P_PATIENCE, p.patience)),  # type: ignore[arg-type]
-        min_gain=float(config.get(P_MIN_GAIN, p.min_gain)),  # type: ignore[arg-type]
+        max_epochs=get_int(config, P_MAX_EPOCHS, p.max_epochs),
+        folds=get_int(config, P_FOLDS, p.folds),
+        patience=get_int(config, P_PATIENCE, p.patience),
+        min_gain=get_float(config, P_MIN_GAIN, p.min_gain),
         loss=cfg.train.loss,
         seed=cfg.train.seed,
     )
 
 
-def _setup(context: Context) -> tuple[RunConfig, Site]:
-    torch.set_num_threads(1)
-    cfg = parse_run_config(dict(context.run_config))
-    return cfg, resolve_site(dict(context.node_config), cfg)
-
-
-def site_query_handler(msg: Message, context: Context) -> Message:
+@site_handler
+def site_query_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
     """``query.site``: ``config = {site-id, unseen}``; nothing else."""
-    try:
-        cfg, site = _setup(context)
-        unseen = is_unseen(dict(context.node_config), cfg)
-        content = RecordDict({CONFIG: ConfigRecord({SITE_ID: site.site_id, UNSEEN: unseen})})
-        return Message(content, reply_to=msg)
-    except Exception as exc:
-        return error_reply(msg, site_label(context), exc)
+    unseen = is_unseen(dict(context.node_config), cfg)
+    content = RecordDict({CONFIG: ConfigRecord({SITE_ID: site.site_id, UNSEEN: unseen})})
+    return Message(content, reply_to=msg)
 
 
-def personalize_handler(msg: Message, context: Context) -> Message:
+@site_handler
+def personalize_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
     """``train.personalize``: fine-tune locally, keep the weights, reply the metrics only."""
-    site_name = site_label(context)
-    try:
-        cfg, site = _setup(context)
-        site_name = site.site_id
-        t0 = time.perf_counter()
-        config = msg.content.config_records.get(CONFIG, ConfigRecord())
-        p_cfg = personalize_config(cfg, config)
-        model = build_site_model(cfg, config)  # a searched genotype travels in the config
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)  # type: ignore[union-attr]
-        model = model.to(site.device)
-        train_set = load_split(site, cfg, "train")
-        test_set = load_split(site, cfg, "test")
-        tuned, report = personalize(
-            model, train_set, p_cfg, site.device, test_set=test_set, progress=False
-        )
-        folder = Path(site.state_path) / ".fedunroll"
-        folder.mkdir(parents=True, exist_ok=True)
-        model_cfg = cfg.model
-        genotype = genotype_of(config)
-        if genotype is not None:  # a searched denoiser: the checkpoint must name its genotype
-            path = genotype.save(folder / GENOTYPE_FILE)
-            model_cfg = model_cfg.model_copy(update={"nas_genotype": str(path)})
-        save_checkpoint(
-            tuned,  # type: ignore[arg-type]
-            model_cfg,
-            folder / MODEL_FILE,
-            site=site.site_id,
-            personalization={k: report[k] for k in ("r_fine", "n_fine", "fine_tune", "decision")},
-        )
-        atomic_write_json(folder / REPORT_FILE, {"site": site.site_id, **report})
-        log(INFO, "site %s: %s; kept at %s", site.site_id, report["decision"], folder / MODEL_FILE)
-        metrics: dict[str, Any] = {
-            NUM_EXAMPLES: len(train_set),
-            **{f"before-{k}": float(report["before"][k]) for k in METRIC_KEYS},
-            **{f"after-{k}": float(report["after"][k]) for k in METRIC_KEYS},
-            "r-fine": float(report["r_fine"] or 0.0),
-            "n-fine": int(report["n_fine"]),
-            "fine-tune": int(bool(report["fine_tune"])),
-            "cv-ssim-global": float(report["cv_ssim_global"]),
-            "cv-ssim-best": float(report["cv_ssim_best"]),
-            "seconds": time.perf_counter() - t0,
-        }
-        metrics = {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
-        content = RecordDict(
-            {METRICS: MetricRecord(metrics), CONFIG: ConfigRecord({SITE_ID: site.site_id})}
-        )
-        return Message(content, reply_to=msg)
-    except Exception as exc:
-        return error_reply(msg, site_name, exc)
+    t0 = time.perf_counter()
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    p_cfg = personalize_config(cfg, config)
+    model = received_model(cfg, msg, site.device)  # a searched genotype travels in the config
+    train_set = load_split(site, cfg, "train")
+    test_set = load_split(site, cfg, "test")
+    tuned, report = personalize(
+        model, train_set, p_cfg, site.device, test_set=test_set, progress=False
+    )
+    path = _keep_at_site(site, cfg, config, tuned, report)
+    log(INFO, "site %s: %s; kept at %s", site.site_id, report["decision"], path)
+    metrics = _reply_metrics(report, len(train_set), time.perf_counter() - t0)
+    content = RecordDict(
+        {METRICS: MetricRecord(metrics), CONFIG: ConfigRecord({SITE_ID: site.site_id})}
+    )
+    return Message(content, reply_to=msg)
+
+
+def _keep_at_site(
+    site: Site, cfg: RunConfig, config: ConfigRecord, tuned: Unrolled, report: dict[str, Any]
+) -> Path:
+    """Write the personalized weights and the full report under the site's state path."""
+    folder = Path(site.state_path) / ".fedunroll"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = cfg.model
+    genotype = genotype_of(config)
+    if genotype is not None:  # a searched denoiser: the checkpoint must name its genotype
+        path = genotype.save(folder / GENOTYPE_FILE)
+        model_cfg = model_cfg.model_copy(update={"nas_genotype": str(path)})
+    save_checkpoint(
+        tuned,
+        model_cfg,
+        folder / MODEL_FILE,
+        site=site.site_id,
+        personalization={k: report[k] for k in ("r_fine", "n_fine", "fine_tune", "decision")},
+    )
+    atomic_write_json(folder / REPORT_FILE, {"site": site.site_id, **report})
+    return folder / MODEL_FILE
+
+
+def _reply_metrics(report: dict[str, Any], num_examples: int, seconds: float) -> dict[str, Any]:
+    """The scalar metrics of the reply (non-finite values left out)."""
+    metrics: dict[str, Any] = {
+        NUM_EXAMPLES: num_examples,
+        **{f"before-{k}": float(report["before"][k]) for k in METRIC_KEYS},
+        **{f"after-{k}": float(report["after"][k]) for k in METRIC_KEYS},
+        "r-fine": float(report["r_fine"] or 0.0),
+        "n-fine": int(report["n_fine"]),
+        "fine-tune": int(bool(report["fine_tune"])),
+        "cv-ssim-global": float(report["cv_ssim_global"]),
+        "cv-ssim-best": float(report["cv_ssim_best"]),
+        "seconds": seconds,
+    }
+    return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
 
 
 def register(app: Any) -> None:

@@ -8,21 +8,25 @@ files) in a writable folder, so the data may be mounted read-only; it defaults t
 
 from __future__ import annotations
 
+import functools
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import ERROR
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Error, Message
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from recon import runtime
-from recon.config import RunConfig
+from recon.config import RunConfig, parse_run_config
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
+from strategies.protocol import get_int
 
 # (site path, split, SiteDataset kwargs) -> dataset. Sites are small and a ClientApp process
 # serves one or a few sites for a whole run: never re-read h5 every round.
@@ -37,19 +41,20 @@ class SiteError(ValueError):
 @dataclass(frozen=True)
 class Site:
     """One hospital: a readable id, its data folder, the torch device it trains on, the
-    writable folder of its per-site state (``None``: the data folder) and, for
+    writable folder of its per-site state (``state_dir``; ``None``: the data folder) and, for
     ``train.method = "gleam"``, the devices its modules are spread over (P-GLEAM; empty: all on
     ``device``)."""
 
     site_id: str
     path: Path
     device: str
-    state_path: Path = None  # type: ignore[assignment]  # set in __post_init__
+    state_dir: Path | None = None
     gleam_devices: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.state_path is None:
-            object.__setattr__(self, "state_path", self.path)
+    @property
+    def state_path(self) -> Path:
+        """Where the site's own state goes: ``state_dir``, else the data folder."""
+        return self.path if self.state_dir is None else self.state_dir
 
 
 def resolve_device(name: str) -> str:
@@ -74,6 +79,34 @@ def error_reply(msg: Message, site: str, exc: BaseException) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def setup(context: Context) -> tuple[RunConfig, Site]:
+    """The run config and this node's site: where every ClientApp handler starts."""
+    torch.set_num_threads(1)  # clients share the cores; 1 thread each is fastest (notes)
+    cfg = parse_run_config(dict(context.run_config))
+    return cfg, resolve_site(dict(context.node_config), cfg)
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def site_handler(body: Callable[[Message, Context, RunConfig, Site], Message]) -> Handler:
+    """A ClientApp handler from ``body(msg, context, cfg, site)``: :func:`setup` first, and any
+    exception becomes this site's error reply (:func:`error_reply`), never a crash of the
+    federation."""
+
+    @functools.wraps(body)
+    def handler(msg: Message, context: Context) -> Message:
+        name = site_label(context)
+        try:
+            cfg, site = setup(context)
+            name = site.site_id
+            return body(msg, context, cfg, site)
+        except Exception as exc:  # a site's failure is its reply
+            return error_reply(msg, name, exc)
+
+    return handler
+
+
 def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
     """The site of this node from its node config (deployment) or partition id (simulation)."""
     device = resolve_device(str(node_config.get("device", cfg.run.device)))
@@ -81,7 +114,7 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
         path = Path(str(node_config["data-path"])).expanduser()
         site_id = str(node_config.get("site-id") or path.name)
     elif "partition-id" in node_config:
-        pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+        pid = get_int(node_config, "partition-id")
         path = Path(cfg.data.root).expanduser() / f"site{pid}"
         site_id = str(node_config.get("site-id") or f"site{pid}")
     else:

@@ -45,7 +45,7 @@ class RoundFiles:
         """Write atomically, then drop the rounds before ``keep_from``; raises ``OSError``."""
         target = self.path(server_round)
         with atomic_open(target) as f:
-            np.savez(f, **dict(arrays))
+            np.savez(f, allow_pickle=False, **arrays)
         for r in self.rounds():
             if r < keep_from:
                 self.path(r).unlink(missing_ok=True)

@@ -588,7 +588,10 @@ def _accepted_kwargs(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if klass is _FlowerFedAvg:
             break
-        params = inspect.signature(klass.__init__).parameters.values()
+        init = vars(klass).get("__init__")  # an inherited one was read with its class
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
         names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
     return names
 

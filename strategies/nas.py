@@ -82,7 +82,8 @@ class FairFedAvg(_Base):
         return maths.fedavg([r.arrays for r in replies], new.tolist())
 
     def _state(self) -> State:
-        return _flatten(FAIR_WEIGHTS, {s: np.float64(a) for s, a in self.weights.items()})
+        weights = {s: np.asarray(a, np.float64) for s, a in self.weights.items()}
+        return _flatten(FAIR_WEIGHTS, weights)
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         self.weights = {s: float(a) for s, a in _unflatten(FAIR_WEIGHTS, state).items()}

@@ -27,6 +27,7 @@ Records in a train reply (client -> server)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from numbers import Real
 
@@ -92,6 +93,47 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
+def _entry(record: Mapping[str, object], key: str, default: object) -> object:
+    if key in record:
+        return record[key]
+    if default is None:
+        raise KeyError(key)
+    return default
+
+
+def get_int(record: Mapping[str, object], key: str, default: int | None = None) -> int:
+    """``record[key]`` (a ConfigRecord or MetricRecord entry) as an int; ``default`` if absent.
+
+    Takes what ``int()`` takes from a record value (int, bool, float, numeric text); anything
+    else is a ``ValueError`` naming the key, so a bad value sent by the other side fails the
+    handling of that one message, never the process. Absent without a default: ``KeyError``.
+    """
+    value = _entry(record, key, default)
+    if isinstance(value, int | float | str):
+        try:
+            return int(value)
+        except (ValueError, OverflowError):
+            pass
+    raise ValueError(f"{key!r}: expected an integer, got {value!r}")
+
+
+def get_float(record: Mapping[str, object], key: str, default: float | None = None) -> float:
+    """``record[key]`` as a float; ``default`` if absent (see :func:`get_int`)."""
+    value = _entry(record, key, default)
+    if isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{key!r}: expected a number, got {value!r}")
+
+
+def get_str(record: Mapping[str, object], key: str, default: str | None = None) -> str:
+    """``record[key]`` as text (``str()`` of any value, as the apps always read text entries);
+    ``default`` if absent."""
+    return str(_entry(record, key, default))
+
+
 class ReplyError(ValueError):
     """A client reply that must not be aggregated; the message names the key and the fault."""
 
@@ -140,6 +182,13 @@ def validate_reply(
                 raise ReplyError(f"{where}: {bad} non-finite value(s) (NaN/inf)")
 
 
+def _finite(value: Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def validate_metrics(metrics: Mapping[str, object]) -> int:
     """Check a reply's metrics and return its ``num-examples``.
 
@@ -166,6 +215,6 @@ def validate_metrics(metrics: Mapping[str, object]) -> int:
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, Real) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, Real) or not _finite(v):
                 raise ReplyError(f"{METRICS}[{key!r}]: expected finite numbers, got {value!r}")
     return int(n)

@@ -298,7 +298,7 @@ def test_failed_search_still_writes_results(root, tmp_path) -> None:
 
 
 def test_client_ema_files_resume_prune_and_forget(tmp_path) -> None:
-    """The EMA's round-tagged files (client.control.RoundFiles): a fresh process state resumes
+    """The EMA's round-tagged files (client.state.RoundFiles): a fresh process state resumes
     from disk, older rounds are pruned, and a finished run leaves no folder behind."""
     from flwr.app import RecordDict
 
