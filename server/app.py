@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from recon.config import RunConfig, parse_run_config
 from recon.models import build_model, count_parameters
 from recon.models.checkpoint import save_checkpoint
+from recon.nas import Genotype
 from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
@@ -67,7 +68,7 @@ def strategy_from_config(cfg: RunConfig) -> Any:
     return build_strategy(name, **common)
 
 
-def initial_model(cfg: RunConfig, genotype: Any = None) -> torch.nn.Module:
+def initial_model(cfg: RunConfig, genotype: Genotype | None = None) -> torch.nn.Module:
     """x_0: the model drawn under ``train.seed`` (the same one the baselines start from).
 
     ``genotype`` (a searched denoiser, :mod:`server.nas`) replaces the configured denoiser.
@@ -111,11 +112,67 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = strategy_from_config(cfg)
-    # model.denoiser = "nas": search first (nas.search-rounds) or read model.nas-genotype
+    genotype = _training_genotype(grid, cfg, run_dir, t_start)
+    model = initial_model(cfg, genotype)
+    ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    progress, run_uid = _start(cfg, run_dir, strategy, ref)
+    prior_seconds = progress.elapsed_seconds
+    # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
+    # the grid without them; they only personalize at the end (server/personalize.py).
+    training_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else None
+    extra_config = nas_phase.genotype_config(genotype)
+    fed = Federation(
+        training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config
+    )
+    personalization: dict[str, Any] = {}
+    final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
+    status, error = "completed", None
+    try:
+        fed.run(progress)
+        final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
+        _save_final_model(model, progress, cfg, run_dir, genotype)
+        if cfg.personalize.enabled:
+            personalization = personalization_phase(
+                grid,
+                progress.arrays,
+                cfg,
+                run_uid,
+                unseen=training_grid.unseen if training_grid else None,
+                sites={**(training_grid.sites if training_grid else {}), **fed.sites},
+                extra_config=extra_config,
+            )
+    except Exception as exc:
+        error = exc
+        status = f"failed: {type(exc).__name__}: {exc}"
+        log(ERROR, "run %s stopped: %s", run_dir.name, status)
+    out = results.build(
+        name=run_dir.name,
+        config=cfg.flat(),
+        sites=_sites(progress, final),
+        num_parameters=count_parameters(model),
+        model_bytes=sum(a.nbytes for a in ref.values()),
+        rounds=progress.rounds,
+        final=final,
+        total_seconds=prior_seconds + (time.perf_counter() - t_start),
+        status=status,
+        personalization=personalization or None,
+    )
+    path = results.write(run_dir, out)
+    log(INFO, "wrote %s (%s)", path, status)
+    if error is not None:
+        raise error
+    return out
+
+
+def _training_genotype(
+    grid: Grid, cfg: RunConfig, run_dir: Path, t_start: float
+) -> Genotype | None:
+    """``model.denoiser = "nas"``: search first (``nas.search-rounds``) or read
+    ``model.nas-genotype``. A failed search still leaves a ``results.json`` that says why."""
     search_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else grid
     try:
-        genotype = nas_phase.training_genotype(search_grid, cfg, run_dir)
-    except Exception as exc:  # a failed search still leaves a results.json that says why
+        return nas_phase.training_genotype(search_grid, cfg, run_dir)
+    except Exception as exc:
         status = f"failed: architecture search: {type(exc).__name__}: {exc}"
         log(ERROR, "run %s stopped: %s", run_dir.name, status)
         failed = results.build(
@@ -131,10 +188,13 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         )
         results.write(run_dir, failed)
         raise
-    model = initial_model(cfg, genotype)
-    ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    name = run_dir.name
 
+
+def _start(
+    cfg: RunConfig, run_dir: Path, strategy: Any, ref: dict[str, np.ndarray]
+) -> tuple[Progress, str]:
+    """Where the rounds start, and the run's uid: the checkpoint of a resumed run (with the
+    strategy state and RNG state restored), else round 0 at x_0 (``ref``)."""
     if cfg.run.resume:
         state = checkpoint.load(run_dir)
         _check_resume(state.config, cfg, run_dir)
@@ -143,86 +203,41 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
         arrays = {k: np.asarray(v) for k, v in state.arrays.items()}
         if list(arrays) != list(ref):
             raise ValueError(f"{run_dir / checkpoint.CHECKPOINT}: arrays do not match the model")
-        progress = Progress(state.round, to_record(arrays), state.rounds, state.elapsed_seconds)
-        run_uid = state.run_uid
         log(INFO, "resuming %s after round %d", run_dir, state.round)
-    else:
-        if (run_dir / checkpoint.CHECKPOINT).exists():
-            raise FileExistsError(
-                f"{run_dir} already holds a run; resume it (run.resume) or choose another run.name"
-            )
-        progress = Progress(0, to_record(ref))
-        run_uid = f"{name}-{uuid.uuid4().hex[:8]}"
-
-    prior_seconds = progress.elapsed_seconds
-    # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
-    # the grid without them; they only personalize at the end (server/personalize.py).
-    training_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else None
-    fed = Federation(
-        training_grid or grid,
-        strategy,
-        cfg,
-        run_dir,
-        run_uid,
-        after_round,
-        extra_config=nas_phase.genotype_config(genotype),
-    )
-    personalization: dict[str, Any] = {}
-    model_bytes = sum(a.nbytes for a in ref.values())
-    status = "completed"
-    final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
-    error: BaseException | None = None
-    try:
-        fed.run(progress)
-        final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
-        model.load_state_dict(progress.arrays.to_torch_state_dict())
-        model_cfg = cfg.model
-        if genotype is not None and not cfg.model.nas_genotype:  # searched in this run
-            genotype_path = str(run_dir / nas_phase.GENOTYPE_FILE)
-            model_cfg = model_cfg.model_copy(update={"nas_genotype": genotype_path})
-        save_checkpoint(
-            model,  # type: ignore[arg-type]
-            model_cfg,
-            run_dir / "final_model.pt",
-            run_config=cfg.flat(),
-            rounds=progress.round,
+        progress = Progress(state.round, to_record(arrays), state.rounds, state.elapsed_seconds)
+        return progress, state.run_uid
+    if (run_dir / checkpoint.CHECKPOINT).exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; resume it (run.resume) or choose another run.name"
         )
-        if cfg.personalize.enabled:
-            personalization = personalization_phase(
-                grid,
-                progress.arrays,
-                cfg,
-                run_uid,
-                unseen=training_grid.unseen if training_grid else None,
-                sites={**(training_grid.sites if training_grid else {}), **fed.sites},
-                extra_config=nas_phase.genotype_config(genotype),
-            )
-    except Exception as exc:
-        error = exc
-        status = f"failed: {type(exc).__name__}: {exc}"
-        log(ERROR, "run %s stopped: %s", name, status)
-    sites = sorted(
+    return Progress(0, to_record(ref)), f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+
+
+def _save_final_model(
+    model: torch.nn.Module,
+    progress: Progress,
+    cfg: RunConfig,
+    run_dir: Path,
+    genotype: Genotype | None,
+) -> None:
+    """``final_model.pt``: the global model, with the genotype file it needs if searched here."""
+    model.load_state_dict(progress.arrays.to_torch_state_dict())
+    model_cfg = cfg.model
+    if genotype is not None and not cfg.model.nas_genotype:  # searched in this run
+        genotype_path = str(run_dir / nas_phase.GENOTYPE_FILE)
+        model_cfg = model_cfg.model_copy(update={"nas_genotype": genotype_path})
+    save_checkpoint(
+        model, model_cfg, run_dir / "final_model.pt", run_config=cfg.flat(), rounds=progress.round
+    )
+
+
+def _sites(progress: Progress, final: dict[str, Any]) -> list[str]:
+    """Every site that trained, evaluated or took part in the final evaluation."""
+    return sorted(
         {s for r in progress.rounds for s in r["train"]}
         | {s for r in progress.rounds for s in r["eval"]}
         | set(final["federated"])
     )
-    out = results.build(
-        name=name,
-        config=cfg.flat(),
-        sites=sites,
-        num_parameters=count_parameters(model),
-        model_bytes=model_bytes,
-        rounds=progress.rounds,
-        final=final,
-        total_seconds=prior_seconds + (time.perf_counter() - t_start),
-        status=status,
-        personalization=personalization or None,
-    )
-    path = results.write(run_dir, out)
-    log(INFO, "wrote %s (%s)", path, status)
-    if error is not None:
-        raise error
-    return out
 
 
 @app.main()

@@ -106,7 +106,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
     }
     atomic_write_json(sdir / "search.json", summary)
     with atomic_open(sdir / "alpha.npz") as f:
-        np.savez(f, **to_numpy(to_record(strategy.alpha)))
+        np.savez(f, allow_pickle=False, **to_numpy(to_record(strategy.alpha)))
     genotype.save(out / GENOTYPE_FILE)
     log(INFO, "search: genotype written to %s", out / GENOTYPE_FILE)
     return genotype

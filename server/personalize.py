@@ -36,6 +36,7 @@ from strategies.protocol import (
     CONFIG,
     METRIC_KEYS,
     METRICS,
+    NUM_EXAMPLES,
     P_FOLDS,
     P_LRS,
     P_MAX_EPOCHS,
@@ -47,6 +48,8 @@ from strategies.protocol import (
     SITE_QUERY,
     UNSEEN,
     ReplyError,
+    get_float,
+    get_int,
     validate_metrics,
 )
 
@@ -104,14 +107,21 @@ class TrainingGrid(Grid):
     def run(self) -> Any:
         return self.grid.run
 
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # type: ignore[override]
-        return self.grid.create_message(*args, **kwargs)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[str]:  # type: ignore[override]
-        return self.grid.pull_messages(message_ids)  # type: ignore[return-value]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -150,20 +160,20 @@ def decision_text(entry: Mapping[str, Any]) -> str:
 
 def personalization_entry(metrics: Mapping[str, Any], seen: bool) -> dict[str, Any]:
     """A site's ``results.json["personalization"]`` entry from its reply metrics."""
-    fine_tune = bool(int(metrics["fine-tune"]))  # type: ignore[call-overload]
+    fine_tune = bool(get_int(metrics, "fine-tune"))
     entry: dict[str, Any] = {
         "seen": seen,
-        "before": {k: float(metrics[f"before-{k}"]) for k in METRIC_KEYS},
-        "after": {k: float(metrics[f"after-{k}"]) for k in METRIC_KEYS},
-        "r_fine": float(metrics["r-fine"]) if fine_tune else None,
-        "n_fine": int(metrics["n-fine"]),  # type: ignore[call-overload]
+        "before": {k: get_float(metrics, f"before-{k}") for k in METRIC_KEYS},
+        "after": {k: get_float(metrics, f"after-{k}") for k in METRIC_KEYS},
+        "r_fine": get_float(metrics, "r-fine") if fine_tune else None,
+        "n_fine": get_int(metrics, "n-fine"),
         "fine_tune": fine_tune,
-        "num-examples": int(metrics["num-examples"]),  # type: ignore[call-overload]
-        "seconds": float(metrics.get("seconds", math.nan)),
+        "num-examples": get_int(metrics, NUM_EXAMPLES),
+        "seconds": get_float(metrics, "seconds", math.nan),
     }
     for key in ("cv-ssim-global", "cv-ssim-best"):
         if key in metrics:
-            entry[key.replace("-", "_")] = float(metrics[key])
+            entry[key.replace("-", "_")] = get_float(metrics, key)
     entry["decision"] = decision_text(entry)
     return entry
 
