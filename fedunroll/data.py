@@ -155,7 +155,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``synth`` and ``prepare`` subcommands (handlers in ``args.func``)."""
     p = subparsers.add_parser(
         "synth",

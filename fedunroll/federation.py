@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "simulate",
         help="federate the sites in a Flower simulation (default: 4 synthetic sites, Scaffold)",
@@ -35,7 +35,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.set_defaults(func=cmd_simulate)
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "report",
         help="tables and figures of a run (report.md, PNGs) from its results.json",
@@ -60,7 +60,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report.command(args)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this module's subcommands to the ``fedunroll`` parser."""
     _add_simulate(sub)
     _add_report(sub)

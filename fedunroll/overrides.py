@@ -106,7 +106,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedunroll config``: the run-config keys with their defaults and one line of help."""
     p = sub.add_parser(
         "config",

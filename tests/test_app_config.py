@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fedunroll.jobs import TRAIN_DEFAULTS, load_run_config
 from fedunroll.overrides import load_config_file
 from fedunroll.simulate import build_config, to_toml
-from fedunroll.jobs import TRAIN_DEFAULTS, load_run_config
 from recon.config import (
     SECTIONS,
     VALID_KEYS,
