@@ -101,6 +101,12 @@ class FederationConfig(_Section):
     fraction_fit: float = _k(1.0, "fraction of the sites sampled to train each round", gt=0, le=1)
     fraction_evaluate: float = _k(1.0, "fraction of the sites sampled to evaluate", gt=0, le=1)
     round_timeout: float = _k(900.0, "seconds the server waits for a round's replies", gt=0)
+    round_grace: float = _k(
+        2.0,
+        "once min-fit-clients replied, wait max(3 s, round-grace x median reply time) more "
+        "for the rest (0 = wait for all, up to round-timeout)",
+        ge=0,
+    )
     node_wait_timeout: float = _k(120.0, "seconds the server waits for the sites", gt=0)
 
 

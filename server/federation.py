@@ -14,6 +14,7 @@ So this module drives the same four strategy methods (``configure_train``, ``agg
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from flwr.serverapp import Grid
 from recon.config import RunConfig
 from server import checkpoint
 from server.results import eval_entry, metric_triplet, train_entry
-from strategies.flower import NotEnoughReplies, reply_node, sent_nodes, site_of
+from strategies.flower import NotEnoughReplies, site_of
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
@@ -46,24 +47,134 @@ from strategies.protocol import (
 SETTLE_SECONDS = 5.0
 
 
-def exchange(
-    grid: Grid, messages: list[Message], timeout: float
-) -> tuple[list[tuple[Message, int]], list[int]]:
-    """Send ``messages`` and wait at most ``timeout`` s for the replies.
+# Once the needed replies are in, the stragglers get at least this many seconds (a SuperNode
+# polls the SuperLink every few seconds, so a finished reply can lag its node's work that much).
+GRACE_FLOOR = 3.0
+# Pull interval: short after a reply came, growing while none does (one SuperLink call each).
+POLL_MIN, POLL_MAX = 0.05, 1.0
 
-    Returns the (reply, node) pairs and the nodes that did not reply. A reply is attributed to
-    the node its message was sent to (``reply_to_message_id``, see
-    :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink answers
-    for a dead node with an error reply of its own.
+
+@dataclass
+class Replies:
+    """What :func:`collect` got back.
+
+    ``pairs`` are (reply, node) in arrival order; ``missing`` the nodes without a reply, of
+    which ``late`` are those cut off by the grace period (the others hit the timeout or could
+    not be pushed); ``grace`` the grace period applied, in seconds (None: all replies came
+    before it started, or no grace was asked); ``stale`` the replies ignored as answering no
+    message of this exchange.
     """
+
+    pairs: list[tuple[Message, int]] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    late: list[int] = field(default_factory=list)
+    grace: float | None = None
+    stale: int = 0
+    seconds: float = 0.0
+
+
+def grace_seconds(reply_seconds: list[float], factor: float) -> float:
+    """The grace period: ``max(GRACE_FLOOR, factor * median(reply_seconds))``."""
+    if not reply_seconds:
+        return GRACE_FLOOR
+    return max(GRACE_FLOOR, factor * statistics.median(reply_seconds))
+
+
+def collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    *,
+    needed: int | None = None,
+    grace: float = 0.0,
+) -> Replies:
+    """Push ``messages``, then pull their replies until all are in or the wait is over.
+
+    The wait ends at ``timeout`` s after the push at the latest. With ``needed`` and ``grace``
+    > 0 it ends earlier: once ``needed`` replies without an error are in (at time ``t_n``),
+    the rest get until ``t_n + max(GRACE_FLOOR, grace * m)``, where ``m`` is the median time
+    from the push to each error-free reply received so far (re-evaluated as replies come), so
+    one dead site costs the grace period, not ``timeout``. Every reply is attributed to the
+    node its message was sent to (``reply_to_message_id``, see
+    :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink answers for
+    a dead node with an error reply of its own. A reply to no message of this exchange (a
+    stale reply of an earlier round, a duplicate) is logged and ignored.
+    """
+    t0 = time.monotonic()
+    out = Replies()
     if not messages:
-        return [], []
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    sent = sent_nodes(messages)  # message ids are set by the grid on push
-    pairs = [(r, reply_node(r, sent)) for r in replies]
-    replied = {node for _, node in pairs}
-    missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
-    return pairs, missing
+        return out
+    ids = list(grid.push_messages(messages))
+    if len(ids) != len(messages):  # a grid that does not return one id per message
+        ids = [m.metadata.message_id for m in messages]
+    sent: dict[str, int] = {}
+    for msg, mid in zip(messages, ids, strict=True):
+        if mid:
+            sent[str(mid)] = msg.metadata.dst_node_id
+        else:
+            log(WARNING, "message to node %d could not be pushed", msg.metadata.dst_node_id)
+    pending = set(sent)
+    need = len(sent) if needed is None or grace <= 0 else min(needed, len(sent))
+    ok_seconds: list[float] = []
+    t_needed: float | None = None
+    deadline = t0 + timeout
+    poll = POLL_MIN
+    while pending:
+        got = list(grid.pull_messages(sorted(pending)))
+        now = time.monotonic()
+        for reply in got:
+            rid = reply.metadata.reply_to_message_id
+            if rid not in pending:
+                out.stale += 1
+                log(
+                    WARNING,
+                    "ignored a reply from node %d to message %s: not one of this exchange's "
+                    "(stale or duplicate)",
+                    reply.metadata.src_node_id,
+                    rid[:12] or "(none)",
+                )
+                continue
+            pending.discard(rid)
+            out.pairs.append((reply, sent[rid]))
+            if not reply.has_error():
+                ok_seconds.append(now - t0)
+        if t_needed is None and len(ok_seconds) >= need:
+            t_needed = now
+        if not pending:
+            break
+        stop = deadline
+        if t_needed is not None:
+            out.grace = grace_seconds(ok_seconds, grace)
+            stop = min(deadline, t_needed + out.grace)
+        if now >= stop:
+            break
+        time.sleep(min(poll, stop - now))
+        poll = POLL_MIN if got else min(POLL_MAX, poll * 1.5)
+    replied = {node for _, node in out.pairs}
+    out.missing = [
+        m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied
+    ]
+    cut = out.grace is not None and t_needed is not None and t_needed + out.grace < deadline
+    out.late = [sent[mid] for mid in sorted(pending)] if cut else []
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    *,
+    needed: int | None = None,
+    grace: float = 0.0,
+) -> tuple[list[tuple[Message, int]], list[int]]:
+    """Send ``messages`` and wait for the replies (:func:`collect`).
+
+    Returns the (reply, node) pairs and the nodes that did not reply. Without ``needed`` it
+    waits for every reply, at most ``timeout`` s.
+    """
+    got = collect(grid, messages, timeout, needed=needed, grace=grace)
+    return got.pairs, got.missing
 
 
 class NodesUnavailable(RuntimeError):
@@ -146,14 +257,30 @@ class Federation:
         # node id -> site id, learned from replies (shared with the strategy when it keeps one)
         shared = getattr(strategy, "node_sites", None)
         self.sites: dict[int, str] = shared if isinstance(shared, dict) else {}
+        self._late: dict[int, str] = {}  # node -> reason, cut off by the last exchange's grace
 
     # --- helpers ------------------------------------------------------------------------------
     def _needed(self) -> int:
         return self.cfg.federation.min_available_clients
 
     def _exchange(self, messages: list[Message]) -> tuple[list[tuple[Message, int]], list[int]]:
-        """:func:`exchange` on the run's grid, waiting at most ``round-timeout``."""
-        return exchange(self.grid, messages, self.cfg.federation.round_timeout)
+        """:func:`collect` on the run's grid: at most ``round-timeout``, and once the strategy's
+        minimum of valid replies is in, at most the grace period (``round-grace``) more.
+        Nodes cut off by the grace period get their reason in :meth:`_why_missing`."""
+        fed = self.cfg.federation
+        needed = getattr(self.strategy, "min_valid_replies", fed.min_fit_clients)
+        got = collect(self.grid, messages, fed.round_timeout, needed=needed, grace=fed.round_grace)
+        self._late = {
+            node: f"no reply within the grace period ({got.grace or 0:.1f} s after the {needed} "
+            f"needed replies, round-grace {fed.round_grace:g}), i.e. no reply within "
+            f"round-timeout ({fed.round_timeout:.0f} s) shortened by round-grace"
+            for node in got.late
+        }
+        return got.pairs, got.missing
+
+    def _why_missing(self, node: int, timed_out: str) -> str:
+        """Why ``node`` did not reply in the last exchange: the grace period, else ``timed_out``."""
+        return self._late.get(node, timed_out)
 
     def _site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
@@ -182,7 +309,9 @@ class Federation:
             site_of(m, node, self.sites)
         first_rejection = len(self.strategy.rejected)
         for node in missing:
-            reason = f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
+            reason = self._why_missing(
+                node, f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
+            )
             self.strategy.reject(r, self._site(node), reason, "train")
         new_arrays, _ = self.strategy.aggregate_train(r, replies)  # NotEnoughReplies stops here
         if new_arrays is not None:
@@ -200,7 +329,7 @@ class Federation:
             eval_replies = [m for m, _ in eval_pairs]
             received += payload_bytes(eval_replies)
             for node in eval_missing:
-                reason = "no evaluate reply within round-timeout"
+                reason = self._why_missing(node, "no evaluate reply within round-timeout")
                 self.strategy.reject(r, self._site(node), reason, "evaluate")
             self.strategy.aggregate_evaluate(r, eval_replies)
             eval_sites = self.strategy.evaluate_site_metrics.get(self.strategy.round, {})
@@ -334,4 +463,12 @@ class Federation:
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
 
 
-__all__ = ["Federation", "NodesUnavailable", "NotEnoughReplies", "Progress", "exchange"]
+__all__ = [
+    "Federation",
+    "NodesUnavailable",
+    "NotEnoughReplies",
+    "Progress",
+    "Replies",
+    "collect",
+    "exchange",
+]

@@ -4,6 +4,12 @@ No SuperLink, no Ray, no serialisation: for unit tests of the federation (strate
 end, failure injection, resume), debugging and the framework-overhead benchmark. Each node keeps
 its own :class:`flwr.app.Context` (``node_config`` with ``partition-id``, a persistent ``state``)
 across rounds, as a Flower SuperNode does.
+
+Slow and dead sites: ``delay={node: seconds}`` holds a node's reply back that long after its
+message is delivered; a client that returns ``None`` never replies. A reply is kept only if it
+answers the message delivered (``reply_to_message_id``) and is handed out only to a pull of
+that message's id, as Flower's SuperLink does: a stale reply (one built for an earlier message)
+is dropped and recorded in ``dropped``.
 """
 
 from __future__ import annotations
@@ -40,11 +46,14 @@ class InProcessGrid(Grid):
     clients : mapping node id -> callable
         Usually the ClientApp itself (``client.app.app``); tests wrap it to inject failures.
         A callable that raises produces an error reply (as Flower does); one that returns
-        ``None`` produces no reply (a node that timed out).
+        ``None`` never replies (a dead node: the server waits out its grace period).
     run_config : mapping
         The flat run config every node's Context gets.
     node_configs : mapping node id -> dict, optional
         Default: ``{"partition-id": i, "num-partitions": n}`` in node-id order.
+    delay : mapping node id -> seconds, optional
+        A node's replies become visible to ``pull_messages`` that long after its message was
+        delivered (a slow site); the client itself still runs at push time.
     """
 
     def __init__(
@@ -52,9 +61,11 @@ class InProcessGrid(Grid):
         clients: Mapping[int, ClientFn],
         run_config: Mapping[str, Any],
         node_configs: Mapping[int, dict[str, Any]] | None = None,
+        delay: Mapping[int, float] | None = None,
     ) -> None:
         set_task_identity()
         self.clients = dict(clients)
+        self.delay = dict(delay or {})
         ids = sorted(self.clients)
         self.contexts = {
             nid: Context(
@@ -69,7 +80,8 @@ class InProcessGrid(Grid):
             for i, nid in enumerate(ids)
         }
         self.client_seconds: list[float] = []  # wall time of every delivered message
-        self._replies: dict[str, Message] = {}
+        self.dropped: list[Message] = []  # replies that answered another message (stale)
+        self._replies: dict[str, tuple[float, Message]] = {}  # message id -> (visible at, reply)
         self._run: Any = None
 
     # --- Grid API -------------------------------------------------------------------------
@@ -99,18 +111,40 @@ class InProcessGrid(Grid):
             mid = uuid.uuid4().hex  # the grid sets it on push (as Flower's do); replies key on it
             msg.metadata.__dict__["_message_id"] = mid
             reply = self._deliver(msg)
-            if reply is not None:
-                self._replies[mid] = reply
+            if reply is None:
+                pass  # a dead node: never replies
+            elif reply.metadata.reply_to_message_id != mid:
+                self.dropped.append(reply)  # stale: not an answer to this message
+            else:
+                visible = time.monotonic() + self.delay.get(msg.metadata.dst_node_id, 0.0)
+                self._replies[mid] = (visible, reply)
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+        now = time.monotonic()
+        ready = [i for i in message_ids if i in self._replies and self._replies[i][0] <= now]
+        return [self._replies.pop(i)[1] for i in ready]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+        """Push, then pull until every reply that will come is in (or ``timeout`` s)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        pending = [i for i in self.push_messages(messages) if i in self._replies]
+        out: list[Message] = []
+        while pending:
+            out.extend(self.pull_messages(pending))
+            pending = [i for i in pending if i in self._replies]
+            if not pending:
+                break
+            wait = min(self._replies[i][0] for i in pending) - time.monotonic()
+            if end is not None:
+                if time.monotonic() >= end:
+                    break
+                wait = min(wait, end - time.monotonic())
+            time.sleep(max(0.0, wait))
+        return out
 
     # --- delivery -------------------------------------------------------------------------
     def _deliver(self, msg: Message) -> Message | None:
