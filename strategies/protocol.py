@@ -51,6 +51,11 @@ SERVER_ROUND = "server-round"
 SITE_ID = "site-id"
 FEDPROX_MU = "fedprox.mu"
 SCAFFOLD_OPTION = "scaffold.option"
+# Scaffold's acknowledgement (client/control.py): a train reply's config carries the token of
+# its c_k^+ (32 hex characters); every train config lists the tokens of the replies the server
+# has aggregated (one per site), so a site commits c_k^+ only once its reply was accepted.
+SCAFFOLD_TOKEN = "scaffold.token"
+SCAFFOLD_ACCEPTED = "scaffold.accepted"
 TRAIN_LOCAL_STEPS = "train.local-steps"
 TRAIN_LR = "train.lr"
 
