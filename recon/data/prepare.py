@@ -11,9 +11,15 @@ With an image-domain ``crop`` (readout oversampling removed, :func:`crop_kspace`
 those of the cropped k-space; the crop is part of ``params`` (``"matrix_crop": [H, W]``, absent
 without a crop, so older caches stay valid), and a cache for another crop is recomputed.
 
-A cache file is reused when it is newer than its source, its ``params`` match and its shape
-matches the source k-space; otherwise it is recomputed. Writes are atomic (temporary file, then
-``os.replace``), so concurrent sites/workers and killed runs never leave a half-written cache.
+A cache file is reused when it is newer than its source, its ``params`` match, its shape
+matches the source k-space and its maps are finite; otherwise it is recomputed. Writes are
+atomic (temporary file, then ``os.replace``), so concurrent sites/workers and killed runs never
+leave a half-written cache.
+
+Before any map is computed, :func:`prepare_site` runs the input checks of
+:mod:`recon.data.checks` on every file (layout, finite values, centred k-space, fully sampled,
+optionally the acceleration against the coil count) and reports which ran; maps that come out
+non-finite fail their file with the slice and the likely cause, and are never cached.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from recon.data.h5io import KSPACE, DataError, display_name, read_volume, scan_site
+from recon.data.checks import DataError, describe, maps_reason
+from recon.data.h5io import KSPACE, display_name, read_volume, scan_site
 from recon.fileio import atomic_path
-from recon.physics.coils import estimate_maps, np_crop_kspace
+from recon.physics.coils import default_calib_width, estimate_maps, np_crop_kspace
+from recon.physics.masks import default_calibration_width
 
 CACHE_DIR = ".cache"
 CACHE_VERSION = 1
@@ -95,7 +103,8 @@ def _read_cache(path: Path, src: Path, params: str, shape: tuple[int, ...]) -> n
                 return None
             if tuple(f["maps"].shape) != tuple(shape):
                 return None
-            return np.asarray(f["maps"][()], dtype=np.complex64)
+            maps = np.asarray(f["maps"][()], dtype=np.complex64)
+            return maps if np.isfinite(maps).all() else None  # never reuse NaN maps
     except (OSError, KeyError, RuntimeError, ValueError):
         return None
 
@@ -119,12 +128,25 @@ def compute_maps(
     calib: int | None = None,
     map_kwargs: Mapping[str, Any] | None = None,
     pbar: Any = None,
+    name: str = "kspace",
 ) -> np.ndarray:
-    """Coil maps for every slice of a volume ``[S, C, H, W]`` -> complex64 ``[S, C, H, W]``."""
+    """Coil maps for every slice of a volume ``[S, C, H, W]`` -> complex64 ``[S, C, H, W]``.
+
+    Raises
+    ------
+    DataError
+        Naming ``name``, the slice and the likely cause, if a slice's maps are not finite
+        (e.g. ESPIRiT on k-space that is not centred gives all-NaN maps).
+    """
     kw = dict(map_kwargs or {})
     out = np.empty(kspace.shape, dtype=np.complex64)
     for s in range(kspace.shape[0]):
-        out[s] = estimate_maps(kspace[s], method, calib_width=calib, **kw)
+        with np.errstate(invalid="ignore", divide="ignore"):  # non-finite maps: reported below
+            out[s] = estimate_maps(kspace[s], method, calib_width=calib, **kw)
+        cw = default_calib_width(kspace.shape) if calib is None else int(calib)
+        why = maps_reason(out[s], kspace[s], method, cw, s)
+        if why is not None:
+            raise DataError(name, KSPACE, why)
         if pbar is not None:
             pbar.update(1)
     return out
@@ -166,6 +188,9 @@ def load_or_compute_maps(
         kspace = crop_kspace(read_volume(src, name=shown).kspace, crop, shown)
     elif crop is not None and tuple(kspace.shape[-2:]) != tuple(crop):
         raise ValueError(f"{shown}: k-space {kspace.shape[-2:]} is not cropped to {tuple(crop)}")
+    if calib is None:  # the ACS lines of the default mask, as SiteDataset calibrates
+        calib = default_calibration_width(kspace.shape)
+        params = _params(method, calib, map_kwargs, crop)
     if not force:
         cached = _read_cache(path, src, params, kspace.shape)
         if cached is not None:
@@ -173,7 +198,7 @@ def load_or_compute_maps(
                 pbar.update(kspace.shape[0])
             return cached, False
     try:
-        maps = compute_maps(kspace, method, calib, map_kwargs, pbar)
+        maps = compute_maps(kspace, method, calib, map_kwargs, pbar, name=shown)
     except (ValueError, np.linalg.LinAlgError) as err:
         raise DataError(shown, "kspace", f"coil-map estimation ({method}) failed: {err}") from err
     try:
@@ -183,16 +208,33 @@ def load_or_compute_maps(
     return maps, True
 
 
-def _prepare_one(job: tuple[Any, ...], pbar: Any = None) -> bool | DataError:
-    """Maps of one file (a picklable unit of work): True if computed, False if reused."""
-    path, root, method, calib, map_kwargs, force, cache_dir, crop = job
+def _prepare_one(job: tuple[Any, ...], pbar: Any = None) -> tuple[bool, list[str], list[str]]:
+    """Check one file and compute (or reuse) its maps (a picklable unit of work).
+
+    Returns (computed now, checks run, warnings). Raises :class:`DataError` for a bad file:
+    structure, values, k-space not centred, already undersampled (training needs fully sampled
+    k-space), non-finite maps.
+    """
+    path, root, method, calib, map_kwargs, force, cache_dir, crop, accel = job
+    shown = display_name(path, root)
+    vol = read_volume(path, name=shown, accel=accel, warn=False)
+    for finding in vol.findings:
+        if finding.check == "sampling":
+            raise finding.error()
+    kspace = crop_kspace(vol.kspace, crop, shown)
+    _, fresh = load_or_compute_maps(
+        path, kspace, root, method, calib, map_kwargs, force, cache_dir, pbar, crop
+    )
+    return fresh, [*vol.checks, "maps"], [str(f) for f in vol.findings]
+
+
+def _prepare_safe(
+    job: tuple[Any, ...], pbar: Any = None
+) -> tuple[bool, list[str], list[str]] | DataError:
     try:
-        _, fresh = load_or_compute_maps(
-            path, None, root, method, calib, map_kwargs, force, cache_dir, pbar, crop
-        )
+        return _prepare_one(job, pbar)
     except DataError as err:
         return err
-    return fresh
 
 
 def prepare_site(
@@ -205,8 +247,9 @@ def prepare_site(
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int = 1,
     crop: tuple[int, int] | None = None,
+    accel: float | None = None,
 ) -> dict[str, Any]:
-    """Validate a site and compute (or reuse) the coil maps of every slice of every valid file.
+    """Check a site and compute (or reuse) the coil maps of every slice of every valid file.
 
     Parameters
     ----------
@@ -229,12 +272,16 @@ def prepare_site(
     crop : (H, W), optional
         Maps of the centre ``H x W`` image crop (``SiteDataset(crop=...)``; fastMRI readout
         oversampling); a file whose matrix is smaller is reported as bad.
+    accel : float, optional
+        The acceleration the site will train at (``data.accel``): a file with fewer coils gets
+        a warning.
 
     Returns
     -------
     dict
         ``site``, ``method``, ``cache_dir``, ``files`` (valid), ``slices``, ``computed`` /
-        ``reused`` (files), ``errors`` (messages naming file and field), ``seconds``.
+        ``reused`` (files), ``checks`` (what was checked, :func:`recon.data.checks.describe`),
+        ``warnings`` and ``errors`` (messages naming file and field), ``seconds``.
     """
     t0 = time.perf_counter()
     _params(method, calib, map_kwargs, crop)  # fail fast on an unknown method
@@ -251,24 +298,29 @@ def prepare_site(
         disable=not progress,
         file=sys.stderr,
     ) as bar:
-        jobs = [(p, root, method, calib, map_kwargs, force, cache_dir, crop) for p in valid]
+        jobs = [(p, root, method, calib, map_kwargs, force, cache_dir, crop, accel) for p in valid]
         if workers > 1 and len(jobs) > 1:
             # spawn, not fork: the parent may hold torch/OpenMP threads
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
                 results = []
-                for job, res in zip(jobs, pool.map(_prepare_one, jobs)):
+                for job, res in zip(jobs, pool.map(_prepare_safe, jobs)):
                     bar.update(slices[job[0]])
                     results.append(res)
         else:
-            results = [_prepare_one(job, bar) for job in jobs]
+            results = [_prepare_safe(job, bar) for job in jobs]
+        ran: list[str] = ["layout", "finite"]  # scan_site's checks, on every file
+        warned: list[str] = []
         for p, res in zip(valid, results):
             if isinstance(res, DataError):
                 errors.append(res)
                 continue
+            fresh, checks, found = res
             ok.append(p)
-            computed += int(res)
-            reused += int(not res)
+            ran += checks
+            warned += found
+            computed += int(fresh)
+            reused += int(not fresh)
     base = Path(cache_dir) if cache_dir is not None else root / CACHE_DIR
     return {
         "site": str(root),
@@ -278,6 +330,8 @@ def prepare_site(
         "slices": int(sum(slices[p] for p in ok)),
         "computed": computed,
         "reused": reused,
+        "checks": describe(ran),
+        "warnings": warned,
         "errors": [str(e) for e in errors],
         "seconds": round(time.perf_counter() - t0, 3),
     }
