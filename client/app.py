@@ -11,9 +11,13 @@ Train message -> reply (Levac et al. 2023 Sec. 3.3, Algorithm 1):
    ``train.method`` (e2e, checkpoint, gleam, layerwise), with FedProx's proximal term
    (``fedprox.mu`` in the config) or Scaffold's gradient correction ``g - c_k + c``
    (``scaffold.c-global`` record) as hooks;
-3. Scaffold: new c_k (option (i) or (ii)), kept in ``context.state`` and on the site's disk;
+3. Scaffold: c_k is the one the server's ``scaffold.accepted`` tokens name (the site's pending
+   c_k^+ if its last reply was accepted, else the c_k it had); the new c_k^+ (option (i) or
+   (ii)) stays pending (``context.state`` and the site's disk) until the server accepts this
+   reply (:mod:`client.control`);
 4. reply ``arrays`` (y_k), ``metrics`` (``num-examples``, losses, SSIM/NRMSE/PSNR of y_k on
-   the site's validation slices, seconds), ``config`` (``site-id``), ``scaffold.c-delta``.
+   the site's validation slices, seconds), ``config`` (``site-id``, ``scaffold.token``),
+   ``scaffold.c-delta``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import nas
-from client.control import ScaffoldRound, forget_run, gradient_at, load_control, save_control
+from client.control import (
+    ScaffoldRound,
+    accepted_tokens,
+    forget_run,
+    gradient_at,
+    keep_pending,
+    load_control,
+    save_control,
+)
 from client.personalize import register as register_personalization
 from client.site import Site, load_split, site_handler, split_key
 from recon.config import RunConfig
@@ -56,6 +68,7 @@ from strategies.protocol import (
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
     SCAFFOLD_OPTION,
+    SCAFFOLD_TOKEN,
     SERVER_ROUND,
     SITE_ID,
     get_float,
@@ -136,15 +149,19 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
     )
     result = _local_train(cfg, site, model, data, seed, hooks)
     extra: dict[str, ArrayRecord] = {}
+    token = None
     if scaffold is not None:
-        extra[SCAFFOLD_C_DELTA] = _end_scaffold(scaffold, rnd, x, cfg)
+        extra[SCAFFOLD_C_DELTA], token = _end_scaffold(scaffold, rnd, x, cfg)
     if fair:  # this round's local loss: next round's reference
         metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(rnd.state, rnd.run_uid, model, data, cfg)
 
     metrics.update(_train_metrics(result, len(data)))
     metrics.update(evaluate(model, load_split(site, cfg, "val"), site.device).as_dict())
     metrics.update({"train-seconds": result.seconds, "seconds": time.perf_counter() - t0})
-    return _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)
+    reply = _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)
+    if token is not None:  # the server's acknowledgement names c_k^+ by it
+        reply.content.config_records[CONFIG][SCAFFOLD_TOKEN] = token
+    return reply
 
 
 def _start_from_ema(model: Unrolled, rnd: _Round, cfg: RunConfig) -> None:
@@ -173,36 +190,40 @@ def _scaffold_round(
     msg: Message, cfg: RunConfig, rnd: _Round, model: Unrolled, data: Slices
 ) -> ScaffoldRound | None:
     """Scaffold's correction for this round when the message carries c (``scaffold.c-global``):
-    this site's c_k as it was before the round and, for option (i), g_k(x)."""
+    this site's committed c_k (resolved with the server's ``scaffold.accepted``) and, for
+    option (i), g_k(x)."""
     if SCAFFOLD_C_GLOBAL not in msg.content.array_records:
         return None
-    option = get_str(_config(msg), SCAFFOLD_OPTION, cfg.scaffold.option)
+    config = _config(msg)
+    option = get_str(config, SCAFFOLD_OPTION, cfg.scaffold.option)
+    accepted = accepted_tokens(config)
     c_global = to_numpy(msg.content.array_records[SCAFFOLD_C_GLOBAL])
     c_local, loaded_round = load_control(
-        rnd.state, rnd.site.state_path, rnd.run_uid, rnd.server_round, c_global
+        rnd.state, rnd.site.state_path, rnd.run_uid, rnd.server_round, c_global, accepted
     )
     grad_x = None
     if option == "i":
         slices, device = cfg.scaffold.grad_slices, rnd.site.device
         grad_x = gradient_at(model, data, cfg.train.loss, slices, c_global, device)
-    return ScaffoldRound(model, option, c_global, c_local, grad_x, loaded_round)
+    acknowledged = accepted is not None
+    return ScaffoldRound(model, option, c_global, c_local, grad_x, loaded_round, acknowledged)
 
 
 def _end_scaffold(
     scaffold: ScaffoldRound, rnd: _Round, x: dict[str, torch.Tensor], cfg: RunConfig
-) -> ArrayRecord:
-    """c_k^+ kept at the site (state and disk); Delta c_k for the reply."""
+) -> tuple[ArrayRecord, str | None]:
+    """Delta c_k for the reply and the token of c_k^+, kept pending at the site (state and
+    disk) until the server accepts the reply; a server that does not acknowledge
+    (``scaffold.accepted`` absent) gets no token and c_k^+ is committed at once."""
     x_np = {k: v.cpu().numpy() for k, v in x.items()}
     c_new, c_delta = scaffold.control_update(x_np, cfg.local_steps, cfg.train.lr)
-    save_control(
-        rnd.state,
-        rnd.site.state_path,
-        rnd.run_uid,
-        rnd.server_round,
-        c_new,
-        scaffold.loaded_round,
-    )
-    return to_record(c_delta)
+    where = (rnd.state, rnd.site.state_path, rnd.run_uid, rnd.server_round, c_new)
+    token = None
+    if scaffold.acknowledged:
+        token = keep_pending(*where, scaffold.loaded_round)
+    else:
+        save_control(*where, scaffold.loaded_round)
+    return to_record(c_delta), token
 
 
 def _local_train(

@@ -9,7 +9,7 @@ had already saved round ``r``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,12 @@ class RoundFiles:
             if r < keep_from:
                 self.path(r).unlink(missing_ok=True)
         return target
+
+    def keep_only(self, rounds: Collection[int]) -> None:
+        """Delete every round's file except ``rounds``; raises ``OSError``."""
+        for r in self.rounds():
+            if r not in rounds:
+                self.path(r).unlink(missing_ok=True)
 
     def forget(self) -> None:
         """Delete every round's file, then the run folder and ``.fedunroll`` if left empty."""

@@ -44,10 +44,12 @@ from strategies.protocol import (
     FEDPROX_MU,
     METRICS,
     NUM_EXAMPLES,
+    SCAFFOLD_ACCEPTED,
     SCAFFOLD_C_DELTA,
     SCAFFOLD_C_GLOBAL,
     SCAFFOLD_OPTION,
     SCAFFOLD_OPTIONS,
+    SCAFFOLD_TOKEN,
     SERVER_ROUND,
     SITE_ID,
     ReplyError,
@@ -494,6 +496,17 @@ class Scaffold(_Base):
     Sends c as ArrayRecord ``scaffold.c-global`` and ``scaffold.option`` in the config; each
     reply carries the trained model y_k in ``arrays`` and Delta c_k in ``scaffold.c-delta``.
 
+    Invariant: c = (1/N) sum_k c_k over the sites' *committed* c_k. A site keeps c_k^+ pending
+    until the server has accepted the reply that carried its Delta c_k (:mod:`client.control`):
+    the reply's config has the token of c_k^+ (``scaffold.token``, 16 to 64 hex characters, or
+    none from a site that commits at once), ``accepted`` keeps the token of each site's last
+    aggregated reply, and every train config lists them all (``scaffold.accepted``: tokens
+    only, the same list for every node, so a node id that changes on resume does not matter).
+    ``accepted`` is part of ``state_dict()``; train messages go out after the checkpoint of
+    the round before, so the list names what the checkpointed c contains. A reply that is
+    rejected or never arrives leaves ``accepted`` (and c) as they were: its site discards its
+    pending c_k^+ at its next train message.
+
     Parameters
     ----------
     eta_g : float
@@ -532,6 +545,8 @@ class Scaffold(_Base):
         self.control_keys = None if control_keys is None else list(control_keys)
         self.weighted = weighted
         self.c_global: Arrays | None = None
+        self.accepted: dict[str, str] = {}  # site -> token of its last aggregated reply
+        self._tokens: dict[tuple[str, int], str] = {}  # (site, node) -> token, this round
 
     def _init_c(self) -> Arrays:
         if self.c_global is None:
@@ -551,9 +566,22 @@ class Scaffold(_Base):
 
     def _train_config(self, config: ConfigRecord) -> None:
         config[SCAFFOLD_OPTION] = self.option
+        config[SCAFFOLD_ACCEPTED] = sorted(set(self.accepted.values()))
+        self._tokens = {}  # a new round: tokens of this round's replies
 
     def _extra_records(self) -> dict[str, ArrayRecord]:
         return {SCAFFOLD_C_GLOBAL: to_record(self._init_c())}
+
+    def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
+        reply = super()._parse_train_reply(msg, node, site)
+        config = msg.content.config_records.get(CONFIG)
+        token = None if config is None else config.get(SCAFFOLD_TOKEN)
+        if token is not None:
+            hexdigits = set("0123456789abcdef")
+            if not (isinstance(token, str) and 16 <= len(token) <= 64 and set(token) <= hexdigits):
+                raise ReplyError(f"{CONFIG}[{SCAFFOLD_TOKEN!r}]: expected 16-64 hex characters")
+            self._tokens[(site, node)] = token
+        return reply
 
     def _extra_references(self) -> dict[str, Arrays]:
         return {SCAFFOLD_C_DELTA: self._init_c()}
@@ -569,13 +597,26 @@ class Scaffold(_Base):
             num_clients=num_clients,
             weights=[r.num_examples for r in replies] if self.weighted else None,
         )
+        for r in replies:  # their Delta c_k are in c now: their sites may commit c_k^+
+            token = self._tokens.get((r.site, r.node_id))
+            if token is None:
+                self.accepted.pop(r.site, None)
+            else:
+                self.accepted[r.site] = token
         return new
 
     def _state(self) -> State:
-        return {} if self.c_global is None else _flatten(SCAFFOLD_C_GLOBAL, self.c_global)
+        if self.c_global is None:
+            return {}
+        tokens = {f"{SCAFFOLD_ACCEPTED}/{site}": t for site, t in sorted(self.accepted.items())}
+        return {**_flatten(SCAFFOLD_C_GLOBAL, self.c_global), **tokens}
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         self.c_global = _unflatten(SCAFFOLD_C_GLOBAL, state) or None
+        start = f"{SCAFFOLD_ACCEPTED}/"
+        self.accepted = {
+            k[len(start) :]: str(_scalar(v)) for k, v in state.items() if k.startswith(start)
+        }
 
 
 STRATEGIES: dict[str, type[_Base]] = {
