@@ -1,7 +1,8 @@
-"""``fedunroll synth`` and ``fedunroll prepare``: the data subcommands of the CLI.
+"""``fedunroll synth``, ``prepare`` and ``convert``: the data subcommands of the CLI.
 
-:func:`register` adds both to an ``argparse`` sub-parser set; each sets ``args.func`` to a handler
-``(args) -> int`` (the process exit code: 0 ok, 1 bad input, 2 usage error).
+:func:`register` adds them to an ``argparse`` sub-parser set; each sets ``args.func`` to a handler
+``(args) -> int`` (the process exit code: 0 ok, 1 some bad files (``prepare``), 2 usage error or
+unusable input, reported on one line by :func:`fedunroll.errors.guard`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from fedunroll.errors import guard
 
 # Heavy imports (numpy, h5py, sigpy, torch via the package) live in the handlers, so that
 # ``fedunroll --help`` stays instant.
@@ -91,6 +94,7 @@ def _prepare_all(
     progress: bool,
     workers: int = 1,
     crop: tuple[int, int] | None = None,
+    accel: float | None = None,
 ) -> int:
     from recon.data.prepare import prepare_site
 
@@ -114,6 +118,7 @@ def _prepare_all(
             progress=progress,
             workers=workers,
             crop=crop,
+            accel=accel,
         )
         cropped = f" ({crop[0]}x{crop[1]} crop)" if crop else ""
         print(
@@ -121,6 +126,9 @@ def _prepare_all(
             f"{rep['computed']} computed, {rep['reused']} reused, {rep['seconds']:.1f} s "
             f"-> {rep['cache_dir']}"
         )
+        print(f"{site}: checked {rep['checks']}")
+        for msg in rep["warnings"]:
+            print(f"warning: {msg}", file=sys.stderr)
         for msg in rep["errors"]:
             _err(msg)
         if rep["errors"]:
@@ -137,6 +145,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.workers < 1:
         _err(f"--workers must be >= 1, got {args.workers}")
         return 2
+    if args.accel is not None and args.accel < 1:
+        _err(f"--accel must be >= 1, got {args.accel}")
+        return 2
     from recon.data.dataset import parse_crop
 
     try:
@@ -152,7 +163,33 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         not args.no_progress,
         args.workers,
         crop,
+        args.accel,
     )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert ISMRMRD / MATLAB v7.3 / other h5 k-space to a checked fastMRI-layout file."""
+    from recon.data.checks import describe
+    from recon.data.convert import convert
+
+    rep = convert(
+        args.input,
+        args.output,
+        var=args.var,
+        layout=args.layout,
+        fftshift=args.fftshift,
+        overwrite=args.overwrite,
+    )
+    what = rep.source_format + (f" '{rep.variable}'" if rep.variable else "")
+    layout = f", layout {rep.layout}" if rep.layout else ""
+    shape = ", ".join(str(n) for n in rep.shape)
+    print(f"wrote {rep.output}: kspace [{shape}] [slices, coils, H, W] from {what}{layout}")
+    for note in rep.notes:
+        print(f"  {note}")
+    print(f"checked {describe(rep.checks.ran)}")
+    for finding in rep.checks.findings:
+        print(f"warning: {finding}", file=sys.stderr)
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,15 +213,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--slices-per-volume", type=int, default=5, help="slices per file (5)")
     p.add_argument("--prepare", action="store_true", help="also compute coil maps (ESPIRiT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=guard(cmd_synth))
 
     q = subparsers.add_parser(
         "prepare",
         help="validate a site's h5 files and cache coil maps",
         description=(
-            "Validate SITE_DIR/{train,val,test}/*.h5 (or a folder of sites) and compute coil "
-            "maps once per slice, cached in SITE_DIR/.cache/maps-METHOD/. Bad files are "
-            "reported with file and field; the good ones stay usable (exit code 1 if any is bad)."
+            "Check SITE_DIR/{train,val,test}/*.h5 (or a folder of sites) and compute coil "
+            "maps once per slice, cached in SITE_DIR/.cache/maps-METHOD/. Checks before any "
+            "work: layout [slices, coils, H, W], finite values, k-space centred, fully sampled "
+            "(and --accel against the coil count); maps that come out non-finite are never "
+            "cached. Bad files are reported with file and field; the good ones stay usable "
+            "(exit code 1 if any is bad)."
         ),
     )
     q.add_argument("site_dirs", nargs="+", metavar="SITE_DIR", help="site folder(s)")
@@ -199,5 +239,46 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="maps of the centre HxW image crop, e.g. 320x320 for fastMRI's 2x readout "
         "oversampling (as data.crop=HxW in training)",
     )
+    q.add_argument(
+        "--accel",
+        type=float,
+        default=None,
+        metavar="R",
+        help="the acceleration you will train at (data.accel): warn for files with fewer coils",
+    )
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q.set_defaults(func=cmd_prepare)
+    q.set_defaults(func=guard(cmd_prepare))
+
+    c = subparsers.add_parser(
+        "convert",
+        help="convert ISMRMRD raw data, MATLAB v7.3 or other h5 k-space to the fastMRI layout",
+        description=(
+            "Write INPUT's k-space as a fastMRI-layout OUTPUT.h5 (kspace complex64 "
+            "[slices, coils, H, W], H readout, W phase encode), checked like `prepare` checks "
+            "(layout, finite values, k-space centred; undersampling and acceleration reported). "
+            "INPUT: ISMRMRD raw data (lines sorted by the encoding counters, missing lines "
+            "zero-filled, header kept as ismrmrd_header), a MATLAB v7.3 .mat file or any h5 file."
+        ),
+    )
+    c.add_argument("input", metavar="INPUT", help="ISMRMRD .h5, MATLAB v7.3 .mat or .h5")
+    c.add_argument("output", metavar="OUTPUT.h5", help="the fastMRI-layout file to write")
+    c.add_argument(
+        "--var",
+        default=None,
+        metavar="NAME",
+        help="variable / dataset holding k-space (default: kspace, else the only complex one)",
+    )
+    c.add_argument(
+        "--layout",
+        default=None,
+        help="its axes, one letter each: s slices, c coils, h H (readout), w W (phase encode), "
+        "r a real/imag axis of 2; numpy order for h5 (default schw), MATLAB size() order for "
+        ".mat (default hwcs = kspace(kx, ky, coil, slice)); e.g. shwc for coil-last",
+    )
+    c.add_argument(
+        "--fftshift",
+        action="store_true",
+        help="centre k-space stored uncentred (numpy.fft.fftshift over H and W)",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT.h5")
+    c.set_defaults(func=guard(cmd_convert))

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedunroll.errors import guard as _guard
 from recon.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -296,20 +297,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pz.add_argument("--out", help="output folder (default runs/personalize-<site>-<time>)")
     _add_config_args(pz)
     pz.set_defaults(func=_guard(cmd_personalize))
-
-
-def _guard(fn):  # type: ignore[no-untyped-def]
-    """Turn expected user errors into one clear line and exit code 2 (tracebacks stay for bugs)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from pydantic import ValidationError
-
-        from recon.data import DataError
-
-        try:
-            return fn(args)
-        except (DataError, ValueError, FileNotFoundError, ValidationError) as exc:
-            print(f"fedunroll {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run

@@ -5,11 +5,18 @@ Layout (fastMRI, Zbontar et al. 2018): dataset ``kspace`` complex ``[slices, coi
 ``ismrmrd_header`` (XML string), and file attributes such as ``acquisition``, ``site``,
 ``field_strength``. Every problem raises :class:`DataError` naming the file and the field, so a
 site can report exactly which input is wrong and still use its other files.
+
+Complex ``kspace`` may also be stored as a compound of ``r``/``i`` or ``real``/``imag`` floats
+(as MATLAB v7.3 writes it) or as floats ``[slices, coils, H, W, 2]`` (real, imaginary); it is
+read as complex64. Reading runs the input checks of :mod:`recon.data.checks` (layout, finite
+values, centred k-space, fully sampled) before any work. A MATLAB v7.3 variable (axes reversed)
+or an ISMRMRD raw-data file is refused with the ``fedunroll convert`` command that reads it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +25,17 @@ from typing import Any
 import h5py
 import numpy as np
 
+from recon.data.checks import (
+    COMPLEX_FORMS,
+    DataError,
+    DataWarning,
+    Finding,
+    check_kspace,
+    coil_last_reason,
+    complex_kind,
+    redact_paths,
+    to_complex,
+)
 from recon.fileio import atomic_path
 
 KSPACE = "kspace"
@@ -25,27 +43,22 @@ RSS = "reconstruction_rss"
 HEADER = "ismrmrd_header"
 
 
-class DataError(Exception):
-    """Bad input data; the message always reads ``"<file>: field '<field>': <reason>"``.
-
-    Attributes
-    ----------
-    file : str
-        The file (or folder) at fault, as shown to the user.
-    field : str
-        The h5 key / attribute / pseudo-field (``'file'``, ``'split'``) at fault.
-    reason : str
-        What is wrong.
-    """
-
-    def __init__(self, file: str | os.PathLike[str], field: str, reason: str) -> None:
-        self.file = str(file)
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{self.file}: field '{field}': {reason}")
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
-        return (DataError, (self.file, self.field, self.reason))
+__all__ = [
+    "HEADER",
+    "KSPACE",
+    "RSS",
+    "SPLITS",
+    "DataError",
+    "DataWarning",
+    "Volume",
+    "check_file",
+    "display_name",
+    "list_h5",
+    "read_volume",
+    "scan_site",
+    "site_files",
+    "write_volume",
+]
 
 
 @dataclass
@@ -60,6 +73,10 @@ class Volume:
     header : str or None
         The ``ismrmrd_header`` XML, if present.
     path : Path
+    checks : list of str
+        The input checks that ran (:data:`recon.data.checks.CHECK_NAMES`).
+    findings : list of Finding
+        Their warnings (e.g. k-space already undersampled), also emitted as ``DataWarning``.
     """
 
     kspace: np.ndarray
@@ -67,6 +84,8 @@ class Volume:
     attrs: dict[str, Any] = field(default_factory=dict)
     header: str | None = None
     path: Path = Path()
+    checks: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def num_slices(self) -> int:
@@ -87,31 +106,74 @@ def _attr_value(v: Any) -> Any:
     return v
 
 
-def _check_finite(ds: h5py.Dataset, shown: str, key: str) -> None:
+def _check_finite(ds: h5py.Dataset, shown: str, key: str, kind: str) -> None:
     """Scan a dataset slice by slice (bounded memory) for NaN / Inf."""
     bad = 0
     for i in range(ds.shape[0]):
-        bad += int(np.count_nonzero(~np.isfinite(ds[i])))
+        bad += int(np.count_nonzero(~np.isfinite(to_complex(ds[i], kind))))
     if bad:
         raise DataError(shown, key, f"contains {bad} NaN/Inf values")
 
 
-def _validate(f: h5py.File, shown: str, check_values: bool) -> tuple[int, int, int, int]:
+def _convert_hint(shown: str, extra: str = "") -> str:
+    return f"fedunroll convert {Path(shown).name} OUT.h5{extra}"
+
+
+def _foreign_format(f: h5py.File, shown: str) -> str | None:
+    """Why this HDF5 file is another format that ``fedunroll convert`` reads, else None."""
+    ds = f.get("dataset")
+    if isinstance(ds, h5py.Group) and "data" in ds:
+        return f"an ISMRMRD raw-data file (group 'dataset'); convert it: {_convert_hint(shown)}"
+    for key, obj in f.items():
+        if isinstance(obj, h5py.Dataset) and "MATLAB_class" in obj.attrs:
+            return (
+                f"a MATLAB v7.3 file (variable '{key}'); convert it: "
+                f"{_convert_hint(shown, f' --var {key}')}"
+            )
+    return None
+
+
+def _validate(
+    f: h5py.File, shown: str, check_values: bool
+) -> tuple[tuple[int, int, int, int], str]:
+    """Structural checks of ``kspace`` (and ``reconstruction_rss``): ``((S, C, H, W), kind)``
+    with ``kind`` how complex values are stored (:func:`recon.data.checks.complex_kind`)."""
     if KSPACE not in f:
-        raise DataError(shown, KSPACE, f"missing (keys present: {sorted(f.keys()) or 'none'})")
+        keys = sorted(f.keys()) or "none"
+        other = _foreign_format(f, shown)
+        raise DataError(
+            shown, KSPACE, f"missing (keys present: {keys})" + (f"; {other}" if other else "")
+        )
     ds = f[KSPACE]
     if not isinstance(ds, h5py.Dataset):
         raise DataError(shown, KSPACE, "is a group, expected a dataset")
-    if ds.ndim != 4:
+    if "MATLAB_class" in ds.attrs:
         raise DataError(
-            shown, KSPACE, f"expected 4 dims [slices, coils, H, W], got {ds.ndim} {ds.shape}"
+            shown,
+            KSPACE,
+            f"a MATLAB v7.3 variable: MATLAB writes axes in reverse order, so shape {ds.shape} "
+            f"is its size() reversed; convert it: {_convert_hint(shown, ' --var kspace')}",
         )
-    if ds.dtype.kind != "c":
-        raise DataError(shown, KSPACE, f"expected complex values, got dtype {ds.dtype}")
-    s, c, h, w = (int(n) for n in ds.shape)
+    kind = complex_kind(ds.dtype, ds.shape)
+    rank = 5 if kind == "pairs" else 4
+    if ds.ndim != rank:
+        raise DataError(
+            shown,
+            KSPACE,
+            f"expected 4 dims [slices, coils, H, W], got {ds.ndim} {ds.shape}; other layouts: "
+            f"{_convert_hint(shown, ' --layout ...')}",
+        )
+    if kind is None:
+        raise DataError(
+            shown, KSPACE, f"expected complex values ({COMPLEX_FORMS}), got dtype {ds.dtype}"
+        )
+    s, c, h, w = (int(n) for n in ds.shape[:4])
     for n, what in ((s, "slices"), (c, "coils"), (h, "H"), (w, "W")):
         if n == 0:
             raise DataError(shown, KSPACE, f"zero {what} in shape {ds.shape}")
+    coil_last = coil_last_reason((s, c, h, w), f" ({_convert_hint(shown, ' --layout shwc')})")
+    if coil_last is not None:
+        raise DataError(shown, KSPACE, coil_last)
     if RSS in f:
         r = f[RSS]
         if not isinstance(r, h5py.Dataset) or r.ndim != 3:
@@ -120,10 +182,10 @@ def _validate(f: h5py.File, shown: str, check_values: bool) -> tuple[int, int, i
             raise DataError(shown, RSS, f"has {r.shape[0]} slices but kspace has {s}")
     if check_values:
         try:
-            _check_finite(ds, shown, KSPACE)
+            _check_finite(ds, shown, KSPACE, kind)
         except (OSError, RuntimeError) as err:
-            raise DataError(shown, KSPACE, f"unreadable data ({err})") from err
-    return s, c, h, w
+            raise DataError(shown, KSPACE, f"unreadable data ({redact_paths(str(err))})") from err
+    return (s, c, h, w), kind
 
 
 def _shape_of(obj: Any) -> str:
@@ -136,11 +198,12 @@ def _open(path: Path, shown: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except (OSError, ValueError) as err:
-        raise DataError(shown, "file", f"not a readable HDF5 file ({err})") from err
+        why = redact_paths(str(err))
+        raise DataError(shown, "file", f"not a readable HDF5 file ({why})") from err
 
 
 def check_file(path: str | os.PathLike[str], name: str | None = None) -> tuple[int, int, int, int]:
-    """Validate a file without keeping its data in memory.
+    """Validate a file's structure and values without keeping its data in memory.
 
     Returns
     -------
@@ -149,21 +212,29 @@ def check_file(path: str | os.PathLike[str], name: str | None = None) -> tuple[i
     Raises
     ------
     DataError
-        Missing key, wrong rank, non-complex, zero slices/coils, NaN/Inf, corrupt file.
+        Missing key, wrong rank or layout (coil axis last, MATLAB / ISMRMRD file), non-complex,
+        zero slices/coils, NaN/Inf, corrupt file.
     """
     p = Path(path)
     shown = _shown(p, name)
     with _open(p, shown) as f:
         try:
-            return _validate(f, shown, check_values=True)
+            return _validate(f, shown, check_values=True)[0]
         except (OSError, RuntimeError, KeyError) as err:
-            raise DataError(shown, "file", f"corrupt HDF5 content ({err})") from err
+            why = redact_paths(str(err))
+            raise DataError(shown, "file", f"corrupt HDF5 content ({why})") from err
 
 
 def read_volume(
-    path: str | os.PathLike[str], name: str | None = None, slices: slice | None = None
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    slices: slice | None = None,
+    *,
+    expect_full: bool = True,
+    accel: float | None = None,
+    warn: bool = True,
 ) -> Volume:
-    """Read and validate a fastMRI-layout file.
+    """Read and check a fastMRI-layout file.
 
     Parameters
     ----------
@@ -172,22 +243,36 @@ def read_volume(
         How to name the file in errors (e.g. ``"site3/train/vol01.h5"``); default the path.
     slices : slice, optional
         Read only these slices.
+    expect_full : bool
+        The k-space is meant to be fully sampled (training, retrospective evaluation): an
+        already undersampled file gives a finding. False for prospective reconstruction.
+    accel : float, optional
+        The acceleration the file will be used at: above the coil count gives a finding.
+    warn : bool
+        Emit the findings as :class:`~recon.data.checks.DataWarning` (they are also in
+        ``Volume.findings``).
 
     Returns
     -------
     Volume
         ``kspace`` as complex64 ``[S, C, H, W]``.
+
+    Raises
+    ------
+    DataError
+        Structure (as :func:`check_file`), NaN/Inf, or k-space not centred.
     """
     p = Path(path)
     shown = _shown(p, name)
     sel = slice(None) if slices is None else slices
     with _open(p, shown) as f:
         try:
-            _validate(f, shown, check_values=False)
+            _, kind = _validate(f, shown, check_values=False)
         except (OSError, RuntimeError, KeyError) as err:
-            raise DataError(shown, "file", f"corrupt HDF5 content ({err})") from err
+            why = redact_paths(str(err))
+            raise DataError(shown, "file", f"corrupt HDF5 content ({why})") from err
         try:
-            kspace = np.asarray(f[KSPACE][sel], dtype=np.complex64)
+            kspace = to_complex(f[KSPACE][sel], kind)
             rss = np.asarray(f[RSS][sel], dtype=np.float32) if RSS in f else None
             header = None
             if HEADER in f:
@@ -195,13 +280,22 @@ def read_volume(
                 header = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
         except (OSError, RuntimeError) as err:
-            raise DataError(shown, KSPACE, f"unreadable data ({err})") from err
+            raise DataError(shown, KSPACE, f"unreadable data ({redact_paths(str(err))})") from err
     if kspace.shape[0] == 0:
         raise DataError(shown, KSPACE, f"slice selection {sel} is empty")
-    bad = int(np.count_nonzero(~np.isfinite(kspace)))
-    if bad:
-        raise DataError(shown, KSPACE, f"contains {bad} NaN/Inf values")
-    return Volume(kspace=kspace, rss=rss, attrs=attrs, header=header, path=p)
+    report = check_kspace(kspace, shown, expect_full=expect_full, accel=accel)
+    if warn:
+        for finding in report.findings:
+            warnings.warn(str(finding), DataWarning, stacklevel=2)
+    return Volume(
+        kspace=kspace,
+        rss=rss,
+        attrs=attrs,
+        header=header,
+        path=p,
+        checks=["layout", *report.ran],
+        findings=report.findings,
+    )
 
 
 def write_volume(
