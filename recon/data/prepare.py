@@ -43,6 +43,7 @@ from recon.data.checks import DataError, describe, maps_reason
 from recon.data.h5io import KSPACE, display_name, read_volume, scan_site
 from recon.fileio import atomic_path
 from recon.physics.coils import default_calib_width, estimate_maps, np_crop_kspace
+from recon.physics.masks import default_calibration_width
 
 CACHE_DIR = ".cache"
 CACHE_VERSION = 1
@@ -187,6 +188,9 @@ def load_or_compute_maps(
         kspace = crop_kspace(read_volume(src, name=shown).kspace, crop, shown)
     elif crop is not None and tuple(kspace.shape[-2:]) != tuple(crop):
         raise ValueError(f"{shown}: k-space {kspace.shape[-2:]} is not cropped to {tuple(crop)}")
+    if calib is None:  # the ACS lines of the default mask, as SiteDataset calibrates
+        calib = default_calibration_width(kspace.shape)
+        params = _params(method, calib, map_kwargs, crop)
     if not force:
         cached = _read_cache(path, src, params, kspace.shape)
         if cached is not None:
