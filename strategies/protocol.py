@@ -22,17 +22,27 @@ Records in a train reply (client -> server)
 ``scaffold.c-delta`` (ArrayRecord, Scaffold only)
     Delta c_k = c_k+ - c_k, same keys/shapes/dtypes as ``scaffold.c-global``.
 ``config`` (ConfigRecord, optional)
-    ``site-id`` (str): a readable site name used in logs and rejection records.
+    ``site-id`` (str): a readable site name used in logs and rejection records. The server
+    binds it to the sending node the first time it sees the node (identity comes from the
+    transport, never from the payload): a node cannot take another site's name.
+
+Every reply, in every phase, is checked against its phase's :class:`ReplySchema`
+(:func:`check_content`): declared records, declared metric keys, finite scalars, bounded
+counts and text. A site's error reply says only what kind of failure it was
+(:data:`ERROR_KINDS`); its own log has the details.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from numbers import Real
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 # Record names (keys of a Message's RecordDict).
 ARRAYS = "arrays"
@@ -168,26 +178,39 @@ def validate_reply(
     """
     missing = [k for k in reference if k not in reply_arrays]
     if missing:
-        raise ReplyError(f"{record}: missing keys {missing}")
+        listed = missing[:4] + ([f"... {len(missing) - 4} more"] if len(missing) > 4 else [])
+        raise ReplyError(f"{record}: missing keys {listed}")
     extra = [k for k in reply_arrays if k not in reference]
-    if extra:
-        raise ReplyError(f"{record}: unexpected keys {extra}")
+    if extra:  # the reply's own names are never quoted
+        raise ReplyError(f"{record}: unexpected keys (undeclared array key, {len(extra)} of them)")
     for key, ref in reference.items():
         value = reply_arrays[key]
         where = f"{record}[{key!r}]"
         if not isinstance(value, np.ndarray):
-            raise ReplyError(f"{where}: expected a numpy array, got {type(value).__name__}")
+            raise ReplyError(f"{where}: expected a numpy array, got {_type_name(value)}")
         if value.shape != ref.shape:
-            raise ReplyError(f"{where}: shape {value.shape} != expected {ref.shape}")
+            shape = value.shape if value.ndim <= 8 else f"({value.ndim} dimensions)"
+            raise ReplyError(f"{where}: shape {shape} != expected {ref.shape}")
         if value.dtype.kind != ref.dtype.kind:
-            raise ReplyError(f"{where}: dtype {value.dtype} is not of the kind of {ref.dtype}")
+            raise ReplyError(
+                f"{where}: dtype {_dtype_name(value.dtype)} is not of the kind of {ref.dtype}"
+            )
         if value.dtype.kind in "fc":
             bad = int(value.size - np.count_nonzero(np.isfinite(value)))
             if bad:
                 raise ReplyError(f"{where}: {bad} non-finite value(s) (NaN/inf)")
 
 
-def _finite(value: Real) -> bool:
+def _type_name(value: object) -> str:
+    return type(value).__name__ if type(value).__module__ in ("builtins", "numpy") else "object"
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """A plain dtype's name; never a structured dtype's field names (reply content)."""
+    return dtype.name if dtype.fields is None and dtype.kind in "biufcmMSUV" else "other"
+
+
+def _finite(value: Real | float) -> bool:
     try:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
@@ -195,7 +218,10 @@ def _finite(value: Real) -> bool:
 
 
 def validate_metrics(metrics: Mapping[str, object]) -> int:
-    """Check a reply's metrics and return its ``num-examples``.
+    """Check a reply's metrics for shape alone and return its ``num-examples``.
+
+    Schema-free (any keys, lists of numbers allowed): what a site may check of its own reply.
+    The server checks every reply against its phase's schema instead (:func:`check_metrics`).
 
     Parameters
     ----------
@@ -216,10 +242,295 @@ def validate_metrics(metrics: Mapping[str, object]) -> int:
         raise ReplyError(f"{METRICS}: missing {NUM_EXAMPLES!r}")
     n = metrics[NUM_EXAMPLES]
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise ReplyError(f"{METRICS}[{NUM_EXAMPLES!r}]: expected a positive int, got {n!r}")
+        raise ReplyError(f"{METRICS}[{NUM_EXAMPLES!r}]: expected a positive int")
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         for v in values:
             if isinstance(v, bool) or not isinstance(v, Real) or not _finite(v):
-                raise ReplyError(f"{METRICS}[{key!r}]: expected finite numbers, got {value!r}")
+                raise ReplyError(f"{METRICS}[{key!r}]: expected finite numbers")
     return int(n)
+
+
+# --- reply schemas (every phase) ---------------------------------------------------------------
+# Bounds on what a reply may carry: whatever the server keeps of a reply (results.json,
+# checkpoint.pt, logs) is a declared key, a finite scalar or a bounded site name, and a
+# rejection reason never quotes reply content (names a key only if it is a declared one).
+MAX_METRIC_KEYS = 64
+MAX_CONFIG_KEYS = 16
+MAX_TEXT = 64  # longest string config value (a site name)
+MAX_NUM_EXAMPLES = 10**9  # more slices than any hospital has; the median cap bounds the rest
+MAX_REASON = 240  # longest rejection reason the server stores
+
+# A site name: letters, digits and . _ - @ + :, at most MAX_TEXT, not ``node-<id>`` (what the
+# server calls a node whose name is not bound).
+_SITE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+:-]{{0,{MAX_TEXT - 1}}}")
+_NODE_NAME = re.compile(r"node-[0-9]+")
+
+# What kind of failure a site's error reply reports: its ``Error.reason`` is exactly one of
+# these (the full message stays in the site's own log). Anything else is ``unrecognised``.
+ERROR_DATA = "data"  # the site's data (missing, unreadable, wrong layout)
+ERROR_CONFIG = "config"  # the run config, the node config or the message's entries
+ERROR_DEVICE = "device"  # the node's torch device (missing, out of memory)
+ERROR_INTERNAL = "internal"  # anything else
+ERROR_KINDS = (ERROR_DATA, ERROR_CONFIG, ERROR_DEVICE, ERROR_INTERNAL)
+UNRECOGNISED = "unrecognised"
+# Errors Flower's own infrastructure makes (SuperLink, SuperNode), named by their code.
+_FLOWER_ERRORS = {
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "ClientApp did not load",
+    ErrorCode.MESSAGE_UNAVAILABLE: "Message Unavailable",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "Reply Message Unavailable",
+    ErrorCode.NODE_UNAVAILABLE: "Node Unavailable",
+    ErrorCode.MOD_FAILED_PRECONDITION: "mod failed precondition",
+    ErrorCode.INVALID_FAB: "invalid FAB",
+    ErrorCode.CLIENT_APP_CRASHED: "ClientApp crashed",
+}
+
+# Metric keys each phase's replies may carry (what client/app.py, client/nas.py and
+# client/personalize.py send).
+_ZF_KEYS = tuple(f"zf-{k}" for k in METRIC_KEYS)
+TRAIN_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    "train-loss",
+    "train-final-loss",
+    "steps",
+    "train-seconds",
+    "seconds",
+    *METRIC_KEYS,  # of y_k on the site's validation slices
+    FAIR_RISK_GAP,
+    FAIR_LOCAL_LOSS,
+)
+SEARCH_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    "train-loss",
+    "train-final-loss",
+    "val-loss",
+    "steps",
+    "train-seconds",
+    "seconds",
+)
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, *METRIC_KEYS, *_ZF_KEYS, "seconds")
+PERSONALIZE_METRIC_KEYS = (
+    NUM_EXAMPLES,
+    *(f"before-{k}" for k in METRIC_KEYS),
+    *(f"after-{k}" for k in METRIC_KEYS),
+    "r-fine",
+    "n-fine",
+    "fine-tune",
+    "cv-ssim-global",
+    "cv-ssim-best",
+    "seconds",
+)
+# Record names a reply may carry, by kind (the strategy checks the exact array records).
+_RECORD_NAMES = (ARRAYS, CONFIG, METRICS, SCAFFOLD_C_GLOBAL, SCAFFOLD_C_DELTA, NAS_ALPHA)
+
+
+@dataclass(frozen=True)
+class ReplySchema:
+    """What one phase's reply may carry.
+
+    Attributes
+    ----------
+    phase : str
+        Name used in rejection reasons and logs.
+    metrics : tuple of str
+        Declared metric keys (``()`` with ``needs_metrics=False``: no MetricRecord expected).
+    required : tuple of str
+        Metric keys every reply must have (``num-examples`` always, when metrics are expected).
+    arrays : tuple of str
+        Array records it may carry (the strategy checks the exact set it expects).
+    config : dict of str -> type
+        Declared entries of its ``config`` record, with their type (``str`` or ``bool``).
+    needs_metrics : bool
+        Whether the ``metrics`` record is required.
+    """
+
+    phase: str
+    metrics: tuple[str, ...]
+    required: tuple[str, ...] = ()
+    arrays: tuple[str, ...] = ()
+    config: Mapping[str, type] = field(default_factory=lambda: {SITE_ID: str})
+    needs_metrics: bool = True
+
+
+TRAIN_SCHEMA = ReplySchema(
+    "train",
+    TRAIN_METRIC_KEYS,
+    arrays=(ARRAYS, SCAFFOLD_C_DELTA),
+    config={SITE_ID: str, SCAFFOLD_TOKEN: str},
+)
+FAIR_TRAIN_SCHEMA = ReplySchema(
+    "train", TRAIN_METRIC_KEYS, required=(FAIR_RISK_GAP,), arrays=(ARRAYS,)
+)
+SEARCH_SCHEMA = ReplySchema("search", SEARCH_METRIC_KEYS, arrays=(ARRAYS, NAS_ALPHA))
+EVALUATE_SCHEMA = ReplySchema("evaluate", EVALUATE_METRIC_KEYS, required=METRIC_KEYS)
+FINAL_SCHEMA = ReplySchema("final", EVALUATE_METRIC_KEYS, required=METRIC_KEYS + _ZF_KEYS)
+PERSONALIZE_SCHEMA = ReplySchema(
+    "personalize",
+    PERSONALIZE_METRIC_KEYS,
+    required=(
+        *(f"before-{k}" for k in METRIC_KEYS),
+        *(f"after-{k}" for k in METRIC_KEYS),
+        "n-fine",
+        "fine-tune",
+    ),
+)
+QUERY_SCHEMA = ReplySchema("query", (), config={SITE_ID: str, UNSEEN: bool}, needs_metrics=False)
+
+
+def bounded(reason: str, limit: int = MAX_REASON) -> str:
+    """``reason`` on one line, printable, at most ``limit`` characters (a last guard: reasons
+    are built from declared names and numbers only)."""
+    text = "".join(c if c.isprintable() else " " for c in reason)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(keys: Iterable[str], declared: Iterable[str], what: str) -> str:
+    """``'a', 'b'`` for declared keys, ``undeclared <what> (n of them)`` for the rest."""
+    keys = list(keys)
+    known = set(declared)
+    named = [repr(k) for k in keys if isinstance(k, str) and k in known][:4]
+    others = len(keys) - len(named)
+    parts = named + ([f"undeclared {what} ({others} of them)"] if others else [])
+    return ", ".join(parts)
+
+
+def error_kind(code: int, reason: object) -> str:
+    """The kind of failure of an error reply: a Flower infrastructure error's name (by code),
+    else the reply's reason if it is one of :data:`ERROR_KINDS`, else ``unrecognised``. Never
+    the reason's text otherwise (it may carry a site's file names)."""
+    if code in _FLOWER_ERRORS:
+        return _FLOWER_ERRORS[code]
+    return reason if isinstance(reason, str) and reason in ERROR_KINDS else UNRECOGNISED
+
+
+def check_site_name(name: object) -> str:
+    """``name`` if it is a valid site name (see :data:`_SITE_NAME`); :class:`ReplyError` else."""
+    if (
+        not isinstance(name, str)
+        or _SITE_NAME.fullmatch(name) is None
+        or _NODE_NAME.fullmatch(name) is not None
+    ):
+        raise ReplyError(
+            f"{CONFIG}[{SITE_ID!r}]: not a valid site name (1-{MAX_TEXT} of A-Z a-z 0-9 . _ - "
+            "@ + :, not node-<id>)"
+        )
+    return name
+
+
+def site_claim(content: RecordDict) -> str | None:
+    """The site name a reply claims (``config['site-id']``), None if it claims none.
+
+    Raises
+    ------
+    ReplyError
+        If the ``config`` record is not a ConfigRecord or the name is not a valid site name.
+    """
+    if CONFIG not in content:
+        return None
+    if CONFIG not in content.config_records:
+        raise ReplyError(f"record {CONFIG!r} is not a ConfigRecord")
+    config = content.config_records[CONFIG]
+    if SITE_ID not in config:
+        return None
+    return check_site_name(config[SITE_ID])
+
+
+def _number(key: str, value: object) -> float | int:
+    """A finite real scalar; :class:`ReplyError` (naming only the declared ``key``) else."""
+    where = f"{METRICS}[{key!r}]"
+    if isinstance(value, list):
+        raise ReplyError(f"{where}: expected a finite number, got a list")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        raise ReplyError(f"{where}: expected a finite number")
+    return value
+
+
+def check_metrics(metrics: Mapping[str, object], schema: ReplySchema) -> dict[str, float | int]:
+    """A reply's metrics checked against ``schema``: declared keys only, at most
+    :data:`MAX_METRIC_KEYS`, finite scalars, the required keys, and a positive int
+    ``num-examples`` of at most :data:`MAX_NUM_EXAMPLES`.
+
+    Returns
+    -------
+    dict
+        The metrics (declared keys, finite scalars), in the reply's order.
+
+    Raises
+    ------
+    ReplyError
+        With a short reason that names declared keys only.
+    """
+    if len(metrics) > MAX_METRIC_KEYS:
+        raise ReplyError(f"{METRICS}: {len(metrics)} keys, at most {MAX_METRIC_KEYS}")
+    declared = set(schema.metrics)
+    undeclared = [k for k in metrics if k not in declared]
+    if undeclared:
+        raise ReplyError(
+            f"{METRICS} of a {schema.phase} reply: undeclared metric key "
+            f"({len(undeclared)} of them)"
+        )
+    missing = [k for k in (NUM_EXAMPLES, *schema.required) if k not in metrics]
+    if missing:
+        raise ReplyError(f"{METRICS}: missing {', '.join(repr(k) for k in missing)}")
+    out = {k: _number(k, v) for k, v in metrics.items()}
+    n = out[NUM_EXAMPLES]
+    if not isinstance(n, int | np.integer) or n <= 0:
+        raise ReplyError(f"{METRICS}[{NUM_EXAMPLES!r}]: expected a positive int")
+    if n > MAX_NUM_EXAMPLES:
+        raise ReplyError(f"{METRICS}[{NUM_EXAMPLES!r}]: above the limit {MAX_NUM_EXAMPLES:.0e}")
+    out[NUM_EXAMPLES] = int(n)
+    return out
+
+
+def check_content(content: RecordDict, schema: ReplySchema) -> dict[str, float | int]:
+    """Check a reply's records against ``schema`` (record names and kinds, ``config`` entries,
+    metrics); returns the checked metrics (``{}`` for a phase without).
+
+    Array records are checked against the names the schema allows, not their content (the
+    strategy validates them against what it sent, :func:`validate_reply`).
+
+    Raises
+    ------
+    ReplyError
+        With a short reason that never quotes reply content.
+    """
+    arrays = list(content.array_records)
+    extra = [k for k in arrays if k not in schema.arrays]
+    if extra:
+        if not schema.arrays:
+            raise ReplyError(f"{schema.phase} replies carry no arrays")
+        raise ReplyError(f"unexpected array record(s) {_names(extra, _RECORD_NAMES, 'record')}")
+    for kind, records, allowed in (
+        ("MetricRecord", content.metric_records, (METRICS,)),
+        ("ConfigRecord", content.config_records, (CONFIG,)),
+    ):
+        bad = [k for k in records if k not in allowed]
+        if bad:
+            raise ReplyError(f"unexpected {kind}(s) {_names(bad, _RECORD_NAMES, 'record')}")
+    if len(content) != len(arrays) + len(content.metric_records) + len(content.config_records):
+        raise ReplyError("records of an unknown kind")
+    if CONFIG in content.config_records:
+        _check_config(content.config_records[CONFIG], schema)
+    if METRICS not in content.metric_records:
+        if schema.needs_metrics:
+            raise ReplyError(f"missing MetricRecord {METRICS!r}")
+        return {}
+    return check_metrics(dict(content.metric_records[METRICS]), schema)
+
+
+def _check_config(config: Mapping[str, object], schema: ReplySchema) -> None:
+    if len(config) > MAX_CONFIG_KEYS:
+        raise ReplyError(f"{CONFIG}: {len(config)} entries, at most {MAX_CONFIG_KEYS}")
+    undeclared = [k for k in config if k not in schema.config]
+    if undeclared:
+        raise ReplyError(
+            f"{CONFIG} of a {schema.phase} reply: undeclared key ({len(undeclared)} of them)"
+        )
+    if SITE_ID in config:
+        check_site_name(config[SITE_ID])
+    for key, value in config.items():
+        kind = schema.config[key]
+        if kind is str and (not isinstance(value, str) or len(value) > MAX_TEXT):
+            raise ReplyError(f"{CONFIG}[{key!r}]: expected text of at most {MAX_TEXT} characters")
+        if kind is bool and not isinstance(value, bool):
+            raise ReplyError(f"{CONFIG}[{key!r}]: expected true or false")

@@ -264,7 +264,8 @@ def test_validate_reply_accepts_good_and_float64():
     "reply, match",
     [
         ({"w": np.zeros((2, 3), np.float32)}, r"missing keys \['n'\]"),
-        ({**_reference(), "x": np.zeros(1)}, r"unexpected keys \['x'\]"),
+        # a reply's own key names are never quoted (they may be anything, of any size)
+        ({**_reference(), "x": np.zeros(1)}, r"unexpected keys \(undeclared array key, 1 of"),
         ({**_reference(), "w": np.zeros((3, 2), np.float32)}, r"'w'.*shape \(3, 2\)"),
         ({**_reference(), "n": np.array(0.0)}, r"'n'.*dtype float64"),
         ({**_reference(), "w": np.full((2, 3), np.nan, np.float32)}, r"'w'.*6 non-finite"),
