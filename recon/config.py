@@ -300,6 +300,32 @@ class PersonalizeSection(_Section):
         return tuple(float(v) for v in _split(self.lrs))
 
 
+class RobustSection(_Section):
+    """Bounds on what one site can do to the global model (README "Security and robustness"):
+    example counts capped, oversized updates rejected, optional server-side clipping and a
+    robust aggregate (``strategies.robust``)."""
+
+    max_examples_factor: float = _k(
+        10.0, "cap each site's num-examples at this x the round's lower median (0 = off)", ge=0
+    )
+    norm_factor: float = _k(
+        50.0, "reject an update whose norm exceeds this x the round's lower median (0 = off)", ge=0
+    )
+    aggregator: Literal["fedavg", "median", "trimmed-mean", "multi-krum"] = _k(
+        "fedavg", "model aggregate: fedavg (weighted mean) | median | trimmed-mean | multi-krum"
+    )
+    trim_beta: float = _k(0.1, "trimmed-mean: fraction of sites trimmed at each end", ge=0, lt=0.5)
+    byzantine: int = _k(1, "multi-krum: hostile sites f tolerated (min-fit-clients > 2f + 2)", ge=0)
+    clip_norm: float = _k(0.0, "clip each update y_k - x to this L2 norm (0 = off)", ge=0)
+
+    @field_validator("max_examples_factor", "norm_factor")
+    @classmethod
+    def _factor(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"must be 0 (off) or >= 1, got {value!r}")
+        return value
+
+
 class SimSection(_Section):
     """Flower simulation resources (``fedunroll simulate``; ignored in deployment)."""
 
@@ -323,6 +349,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "fair": FairSection,
     "ema": EmaSection,
     "nas": NasSection,
+    "robust": RobustSection,
 }
 
 
@@ -350,6 +377,7 @@ class RunConfig(BaseModel):
     fair: FairSection = FairSection()
     ema: EmaSection = EmaSection()
     nas: NasSection = NasSection()
+    robust: RobustSection = RobustSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -366,6 +394,7 @@ class RunConfig(BaseModel):
                 f"({fed.num_server_rounds}): the budget is split evenly over the rounds"
             )
         self._check_method()
+        self._check_robust()
         if fed.min_fit_clients > self.data.num_sites:
             raise ValueError(
                 f"min-fit-clients ({fed.min_fit_clients}) exceeds data.num-sites "
@@ -391,6 +420,25 @@ class RunConfig(BaseModel):
             raise ValueError(
                 'model.denoiser = "nas" trains a derived net: set model.nas-genotype to a '
                 "genotype file, or nas.search-rounds > 0 to search one first"
+            )
+
+    def _check_robust(self) -> None:
+        robust, name = self.robust, self.strategy.name
+        if robust.aggregator != "fedavg" and name in ("scaffold", "fairfedavg"):
+            why = (
+                "Scaffold's control variate c moves with the mean of the same sites' updates"
+                if name == "scaffold"
+                else "fairfedavg's fairness weights are its aggregation rule"
+            )
+            raise ValueError(
+                f"robust.aggregator = {robust.aggregator!r} does not combine with strategy.name "
+                f"= {name!r} ({why}); use robust.norm-factor and robust.clip-norm with it"
+            )
+        f, fit = robust.byzantine, self.federation.min_fit_clients
+        if robust.aggregator == "multi-krum" and fit <= 2 * f + 2:
+            raise ValueError(
+                f"robust.aggregator = 'multi-krum' needs min-fit-clients > 2 * robust.byzantine "
+                f"+ 2 = {2 * f + 2} (Krum's n > 2f + 2), got min-fit-clients = {fit}"
             )
 
     def method_options(self, gleam_devices: Sequence[str] = ()) -> dict[str, Any]:
