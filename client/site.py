@@ -23,10 +23,16 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 
 from recon import runtime
-from recon.config import RunConfig, parse_run_config
+from recon.config import ConfigError, RunConfig, parse_run_config
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
-from strategies.protocol import get_int
+from strategies.protocol import (
+    ERROR_CONFIG,
+    ERROR_DATA,
+    ERROR_DEVICE,
+    ERROR_INTERNAL,
+    get_int,
+)
 
 # (site path, split, SiteDataset kwargs) -> dataset. Sites are small and a ClientApp process
 # serves one or a few sites for a whole run: never re-read h5 every round.
@@ -36,6 +42,10 @@ _LOCK = threading.Lock()
 
 class SiteError(ValueError):
     """The node configuration does not describe a usable site."""
+
+
+class DeviceError(SiteError):
+    """The node's torch device is not there (or not usable)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ def resolve_device(name: str) -> str:
     try:
         return runtime.resolve_device(name)
     except ValueError as err:
-        raise SiteError(f"{err} on this node") from None
+        raise DeviceError(f"{err} on this node") from None
 
 
 def site_label(context: Context) -> str:
@@ -71,12 +81,35 @@ def site_label(context: Context) -> str:
     return str(nc.get("site-id", nc.get("partition-id", "?")))
 
 
+def error_kind(exc: BaseException) -> str:
+    """What kind of failure ``exc`` is, in the protocol's vocabulary
+    (:data:`strategies.protocol.ERROR_KINDS`)."""
+    if isinstance(exc, DataError):
+        return ERROR_DATA
+    if isinstance(exc, DeviceError | torch.cuda.OutOfMemoryError):
+        return ERROR_DEVICE
+    if isinstance(exc, SiteError | ConfigError | ValueError | KeyError):
+        return ERROR_CONFIG  # node config, run config, or an entry of the message
+    return ERROR_INTERNAL
+
+
 def error_reply(msg: Message, site: str, exc: BaseException) -> Message:
-    """A site's failure as its reply (logged with the traceback), never a crash of the
-    federation; the reason names the site."""
-    log(ERROR, "site %s: %s failed:\n%s", site, msg.metadata.message_type, traceback.format_exc())
-    reason = f"site {site}: {type(exc).__name__}: {exc}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    """A site's failure as its reply, never a crash of the federation.
+
+    The full message and traceback (file names, fields) go to the site's own log; the reply
+    says only what kind of failure it was (:func:`error_kind`): file names can carry patient
+    identifiers and never leave the hospital.
+    """
+    kind = error_kind(exc)
+    log(
+        ERROR,
+        "site %s: %s failed (%s error; the server is told only the kind):\n%s",
+        site,
+        msg.metadata.message_type,
+        kind,
+        traceback.format_exc(),
+    )
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=kind), reply_to=msg)
 
 
 def setup(context: Context) -> tuple[RunConfig, Site]:
@@ -91,8 +124,8 @@ Handler = Callable[[Message, Context], Message]
 
 def site_handler(body: Callable[[Message, Context, RunConfig, Site], Message]) -> Handler:
     """A ClientApp handler from ``body(msg, context, cfg, site)``: :func:`setup` first, and any
-    exception becomes this site's error reply (:func:`error_reply`), never a crash of the
-    federation."""
+    exception becomes this site's error reply (:func:`error_reply`: its kind only), never a
+    crash of the federation."""
 
     @functools.wraps(body)
     def handler(msg: Message, context: Context) -> Message:

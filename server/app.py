@@ -32,7 +32,7 @@ from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
 from server import nas as nas_phase
-from server.federation import Federation, Progress
+from server.federation import Federation, Progress, robust_options
 from server.personalize import TrainingGrid, personalization_phase
 from strategies.flower import build_strategy
 from strategies.protocol import to_record
@@ -65,7 +65,7 @@ def strategy_from_config(cfg: RunConfig) -> Any:
         common.update(eta_g=cfg.scaffold.eta_g, option=cfg.scaffold.option)
     elif name == "fairfedavg":
         common["gamma"] = cfg.fair.gamma
-    return build_strategy(name, **common)
+    return build_strategy(name, **common, **robust_options(cfg))
 
 
 def initial_model(cfg: RunConfig, genotype: Genotype | None = None) -> torch.nn.Module:
@@ -119,7 +119,7 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     prior_seconds = progress.elapsed_seconds
     # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
     # the grid without them; they only personalize at the end (server/personalize.py).
-    training_grid = TrainingGrid(grid, cfg) if cfg.data.unseen_sites else None
+    training_grid = TrainingGrid(grid, cfg, strategy.sites) if cfg.data.unseen_sites else None
     extra_config = nas_phase.genotype_config(genotype)
     fed = Federation(
         training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config
@@ -129,8 +129,9 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
     status, error = "completed", None
     try:
         fed.run(progress)
-        final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
+        # The model first: nothing a site sends in the final evaluation can lose it.
         _save_final_model(model, progress, cfg, run_dir, genotype)
+        final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
         if cfg.personalize.enabled:
             personalization = personalization_phase(
                 grid,

@@ -9,7 +9,9 @@ So this module drives the same four strategy methods (``configure_train``, ``agg
 - per-site train/eval metrics, rejected replies (errors, invalid arrays, no reply in time) and
   bytes on the wire for every round,
 - an atomic checkpoint after every round (:mod:`server.checkpoint`),
-- a final evaluation of the global model on every site's test slices (and zero-filled).
+- a final evaluation of the global model on every site's test slices (and zero-filled); its
+  replies are checked like every other (identity, ``protocol.FINAL_SCHEMA``): a bad one is
+  rejected and logged, never an exception that ends the run.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ from flwr.serverapp import Grid
 from recon.config import RunConfig
 from server import checkpoint
 from server.results import eval_entry, metric_triplet, train_entry
-from strategies.flower import NotEnoughReplies, site_of
+from strategies.flower import NotEnoughReplies, SiteNames
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
     EVAL_SPLIT,
-    METRICS,
+    FINAL_SCHEMA,
     RUN_DONE,
     RUN_UID,
     ReplyError,
+    check_content,
     to_numpy,
-    validate_metrics,
 )
 
 # Seconds without a new node, once min-available-clients are connected, after which the run
@@ -177,6 +179,19 @@ def exchange(
     return got.pairs, got.missing
 
 
+def robust_options(cfg: RunConfig) -> dict[str, Any]:
+    """The strategy keyword options of the run config's ``robust`` section."""
+    r = cfg.robust
+    return {
+        "max_examples_factor": r.max_examples_factor,
+        "norm_factor": r.norm_factor,
+        "aggregator": r.aggregator,
+        "trim_beta": r.trim_beta,
+        "byzantine": r.byzantine,
+        "clip_norm": r.clip_norm,
+    }
+
+
 class NodesUnavailable(RuntimeError):
     """Fewer nodes connected than the run needs, after the bounded wait."""
 
@@ -254,9 +269,8 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.run_uid = run_uid
         self.after_round = after_round
-        # node id -> site id, learned from replies (shared with the strategy when it keeps one)
-        shared = getattr(strategy, "node_sites", None)
-        self.sites: dict[int, str] = shared if isinstance(shared, dict) else {}
+        # node id -> bound site name: the strategy's (strategy state, so resume keeps it)
+        self.sites: SiteNames = strategy.sites
         self._late: dict[int, str] = {}  # node -> reason, cut off by the last exchange's grace
 
     # --- helpers ------------------------------------------------------------------------------
@@ -283,7 +297,7 @@ class Federation:
         return self._late.get(node, timed_out)
 
     def _site(self, node: int) -> str:
-        return self.sites.get(node, f"node-{node}")
+        return self.sites.name(node)
 
     def _config(self, split: str | None = None) -> ConfigRecord:
         config = ConfigRecord({**self.extra_config, RUN_UID: self.run_uid})
@@ -305,8 +319,6 @@ class Federation:
         pairs, missing = self._exchange(train_msgs)
         replies = [m for m, _ in pairs]
         received = payload_bytes(replies)
-        for m, node in pairs:
-            site_of(m, node, self.sites)
         first_rejection = len(self.strategy.rejected)
         for node in missing:
             reason = self._why_missing(
@@ -446,18 +458,22 @@ class Federation:
         pairs, missing = self._exchange(msgs)
         federated: dict[str, Any] = {}
         zero_filled: dict[str, Any] = {}
-        for msg, node in pairs:
-            site = site_of(msg, node, self.sites)
-            if msg.has_error():
-                log(WARNING, "final evaluation: %s failed: %s", site, msg.error.reason)
-                continue
-            try:
-                metrics = dict(msg.content.metric_records[METRICS])
-                validate_metrics(metrics)
+        round_ = self.strategy.round
+        for msg, node in sorted(pairs, key=lambda p: p[1]):
+            try:  # whatever a site sends, the run (and its final model) goes on
+                site = self.strategy.identify_one(msg, node, round_, "final")
+                if site is None:
+                    continue
+                try:
+                    metrics = check_content(msg.content, FINAL_SCHEMA)
+                except ReplyError as err:
+                    self.strategy.reject(round_, site, str(err), "final")
+                    continue
                 federated[site] = metric_triplet(metrics)
                 zero_filled[site] = metric_triplet(metrics, "zf-")
-            except (KeyError, ReplyError) as err:
-                log(WARNING, "final evaluation: %s sent a bad reply: %s", site, err)
+            except Exception as exc:  # a reply no check foresaw: its type only, never its text
+                why = f"unreadable reply ({type(exc).__name__})"
+                self.strategy.reject(round_, self._site(node), why, "final")
         for node in missing:
             log(WARNING, "final evaluation: no reply from %s", self._site(node))
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))

@@ -35,7 +35,7 @@ from recon.models import build_model, count_parameters
 from recon.nas import Genotype, alpha_state, derive_genotype
 from recon.nas.search import search_net
 from server import checkpoint
-from server.federation import Federation, Progress
+from server.federation import Federation, Progress, robust_options
 from strategies.nas import NasSearch
 from strategies.protocol import NAS_GENOTYPE, to_numpy, to_record
 
@@ -68,6 +68,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
         min_evaluate_nodes=fed_cfg.min_fit_clients,
         min_available_nodes=fed_cfg.min_available_clients,
         min_valid_replies=fed_cfg.min_fit_clients,
+        **robust_options(cfg),  # identity, schema and influence bounds as in training
     )
     sdir = out / SEARCH_DIR
     sdir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ The replies become ``results.json["personalization"]``::
             "num-examples": int, "seconds": float}}
 
 A site that fails is recorded as ``{"seen": bool, "error": reason}``; the run stays completed.
+The reason is the kind of failure (``protocol.error_kind``) or why its reply was refused, never
+the reply's text. Site-query and personalization replies are checked like every other reply
+(``protocol.QUERY_SCHEMA`` / ``PERSONALIZE_SCHEMA``) and named by the run's node -> site
+binding (:class:`strategies.flower.SiteNames`): a node cannot report for another site.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ from flwr.serverapp import Grid
 
 from recon.config import RunConfig
 from server.federation import exchange
+from strategies.flower import SiteNames
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
     METRIC_KEYS,
-    METRICS,
     NUM_EXAMPLES,
     P_FOLDS,
     P_LRS,
@@ -43,30 +47,35 @@ from strategies.protocol import (
     P_MIN_GAIN,
     P_PATIENCE,
     PERSONALIZE,
+    PERSONALIZE_SCHEMA,
+    QUERY_SCHEMA,
     RUN_UID,
-    SITE_ID,
     SITE_QUERY,
     UNSEEN,
     ReplyError,
+    bounded,
+    check_content,
+    error_kind,
     get_float,
     get_int,
-    validate_metrics,
+    site_claim,
 )
 
 
 class TrainingGrid(Grid):
     """``grid`` without its unseen nodes; every other call goes to ``grid`` unchanged.
 
-    ``unseen`` (node -> bool) and ``sites`` (node -> site id) are filled by asking each new
-    node once (``query.site``). A node that cannot answer counts as a training node (a broken
-    site then fails its train message and is excluded there, with the reason).
+    ``unseen`` (node -> bool) and ``sites`` (node -> site name, bound on the node's first
+    reply: pass the training strategy's ``sites`` so that both share one binding) are filled by
+    asking each new node once (``query.site``). A node that cannot answer counts as a training
+    node (a broken site then fails its train message and is excluded there, with the reason).
     """
 
-    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+    def __init__(self, grid: Grid, cfg: RunConfig, sites: SiteNames | None = None) -> None:
         self.grid = grid
         self.timeout = cfg.federation.round_timeout
         self.unseen: dict[int, bool] = {}
-        self.sites: dict[int, str] = {}
+        self.sites = SiteNames() if sites is None else sites
 
     def classify(self, nodes: Iterable[int]) -> None:
         """Ask the nodes not asked yet which site they serve and whether it is held out."""
@@ -78,21 +87,33 @@ class TrainingGrid(Grid):
             for n in new
         ]
         pairs, missing = exchange(self.grid, msgs, self.timeout)
-        for reply, node in pairs:
+        for reply, node in sorted(pairs, key=lambda p: p[1]):
             self.unseen[node] = False
-            if reply.has_error():
-                log(WARNING, "site query: node %d failed: %s", node, reply.error.reason)
+            site, why = self._read(reply, node)
+            if why is not None:
+                log(WARNING, "site query: reply from %s refused: %s", site, why)
                 continue
             config = reply.content.config_records.get(CONFIG, ConfigRecord())
-            self.unseen[node] = bool(config.get(UNSEEN, False))
-            if SITE_ID in config:
-                self.sites[node] = str(config[SITE_ID])
+            self.unseen[node] = config.get(UNSEEN, False) is True
         for node in missing:
             self.unseen[node] = False
             log(WARNING, "site query: no reply from node %d; treated as a training site", node)
         held_out = sorted(self.sites.get(n, f"node-{n}") for n in new if self.unseen[n])
         if held_out:
             log(INFO, "held out of training (unseen): %s", ", ".join(held_out))
+
+    def _read(self, reply: Message, node: int) -> tuple[str, str | None]:
+        """(the node's site, why the query reply is refused or None)."""
+        if reply.has_error():
+            return self.sites.name(node), f"client error: {error_kind(reply.error.code, '')}"
+        try:
+            claim = site_claim(reply.content)
+            site, why = self.sites.resolve(node, claim)
+            if why is None:
+                check_content(reply.content, QUERY_SCHEMA)
+            return site, why
+        except ReplyError as err:
+            return self.sites.name(node), bounded(str(err))
 
     # --- Grid API -------------------------------------------------------------------------
     def get_node_ids(self) -> Iterable[int]:
@@ -193,12 +214,13 @@ def personalization_phase(
     ----------
     grid : Grid
         The full grid (not the :class:`TrainingGrid` view): unseen sites personalize too.
-    unseen, sites : mapping node -> bool / site id, optional
+    unseen, sites : mapping node -> bool / site name, optional
         What :class:`TrainingGrid` and the rounds learned; a node missing from ``unseen`` took
-        part in training (``seen``).
+        part in training (``seen``). ``sites`` are the run's bindings (a :class:`SiteNames`
+        is used, and extended, as it is): a reply is named by its node's binding.
     """
     unseen = dict(unseen or {})
-    known = dict(sites or {})
+    known = sites if isinstance(sites, SiteNames) else SiteNames(sites)
     nodes = list(grid.get_node_ids())
     config = personalize_config_record(cfg, run_uid, extra_config)
     msgs = [
@@ -212,29 +234,29 @@ def personalization_phase(
     log(INFO, "personalization: %d site(s), CV grid lrs=%s", len(nodes), cfg.personalize.lrs)
     pairs, missing = exchange(grid, msgs, cfg.personalize.timeout)
     out: dict[str, dict[str, Any]] = {}
-    for reply, node in pairs:
+    for reply, node in sorted(pairs, key=lambda p: p[1]):
         seen = not unseen.get(node, False)
-        site = known.get(node, f"node-{node}")
+        site = known.name(node)
         if reply.has_error():
-            log(WARNING, "personalization: %s failed: %s", site, reply.error.reason)
-            out[site] = {"seen": seen, "error": reply.error.reason}
+            reason = f"client error: {error_kind(reply.error.code, reply.error.reason)}"
+            log(WARNING, "personalization: %s failed: %s", site, reason)
+            out[site] = {"seen": seen, "error": reason}
             continue
-        config_rec = reply.content.config_records.get(CONFIG, ConfigRecord())
-        site = str(config_rec.get(SITE_ID, site))
         try:
-            if reply.content.array_records:
-                raise ReplyError("personalization replies must not carry arrays")
-            metrics = dict(reply.content.metric_records[METRICS])
-            validate_metrics(metrics)
+            site, why = known.resolve(node, site_claim(reply.content))
+            if why is not None:
+                raise ReplyError(why)
+            metrics = check_content(reply.content, PERSONALIZE_SCHEMA)
             out[site] = personalization_entry(metrics, seen)
-        except (KeyError, ValueError, ReplyError) as err:
-            log(WARNING, "personalization: %s sent a bad reply: %s", site, err)
-            out[site] = {"seen": seen, "error": f"bad reply: {err}"}
+        except (KeyError, ValueError, ReplyError) as err:  # only ReplyError's text is kept
+            reason = bounded(f"bad reply: {err}" if isinstance(err, ReplyError) else "bad reply")
+            log(WARNING, "personalization: %s sent a bad reply: %s", site, reason)
+            out[site] = {"seen": seen, "error": reason}
             continue
         kind = "seen" if seen else "unseen"
         log(INFO, "personalization: %s (%s): %s", site, kind, out[site]["decision"])
     for node in missing:
-        site = known.get(node, f"node-{node}")
+        site = known.name(node)
         reason = f"no reply within personalize.timeout ({cfg.personalize.timeout:.0f} s)"
         log(WARNING, "personalization: %s: %s", site, reason)
         out[site] = {"seen": not unseen.get(node, False), "error": reason}

@@ -25,6 +25,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +38,42 @@ METRIC_KEYS = ("ssim", "nrmse", "psnr")
 FINAL_METHODS = ("federated", "zero_filled", "local_only", "centralized")
 
 
+def _number(metrics: Mapping[str, Any], key: str) -> float:
+    """``metrics[key]`` as a float; NaN (written ``null``) when absent or not a finite real
+    scalar. Replies are checked before they get here (``protocol.check_content``); this keeps a
+    record from ever holding anything else."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return math.nan
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _count(metrics: Mapping[str, Any]) -> int:
+    n = metrics.get("num-examples")
+    return int(n) if isinstance(n, Integral) and not isinstance(n, bool) else 0
+
+
 def train_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """A site's train record of one round from its reply metrics."""
+    """A site's train record of one round from its (checked) reply metrics."""
     return {
-        "loss": float(metrics.get("train-loss", math.nan)),
-        "num-examples": int(metrics["num-examples"]),
-        "seconds": float(metrics.get("seconds", math.nan)),
+        "loss": _number(metrics, "train-loss"),
+        "num-examples": _count(metrics),
+        "seconds": _number(metrics, "seconds"),
     }
 
 
 def eval_entry(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """A site's evaluation record of one round from its reply metrics."""
-    return {
-        **{k: float(metrics[k]) for k in METRIC_KEYS},
-        "num-examples": int(metrics["num-examples"]),
-    }
+    """A site's evaluation record of one round from its (checked) reply metrics."""
+    return {**metric_triplet(metrics), "num-examples": _count(metrics)}
 
 
 def metric_triplet(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``{"ssim", "nrmse", "psnr"}`` from reply metrics (``prefix="zf-"`` for zero-filled)."""
-    return {k: float(metrics[prefix + k]) for k in METRIC_KEYS}
+    return {k: _number(metrics, prefix + k) for k in METRIC_KEYS}
 
 
 def build(

@@ -2,10 +2,18 @@
 
 Shared behaviour (``_Base``):
 
-- every train reply is validated (``records.validate_reply`` / ``validate_metrics``) against
-  what the server sent; an error reply or a malformed or non-finite one is dropped, logged and
-  appended to ``self.rejected``; fewer than ``min_valid_replies`` valid replies raises
-  ``NotEnoughReplies``;
+- a reply's site is the name bound to its node (:class:`SiteNames`: the first name the node
+  claimed, never changed; a claim of another name or of another node's name is a rejection);
+- every train reply is checked against its phase's schema (``protocol.check_content``) and
+  its arrays against what the server sent (``protocol.validate_reply``); an error reply (only
+  its kind is kept, ``protocol.error_kind``) or a malformed, undeclared or non-finite one is
+  dropped, logged and appended to ``self.rejected`` with a short reason that never quotes the
+  reply; fewer than ``min_valid_replies`` valid replies raises ``NotEnoughReplies``;
+- bounds on one site's influence (README "Security and robustness"): each ``num-examples`` is
+  capped at ``max_examples_factor`` x the round's lower median, an update whose norm
+  ||y_k - x|| (or ||Delta c_k||) exceeds ``norm_factor`` x the round's lower median is
+  rejected, ``clip_norm`` clips every y_k - x, and ``aggregator`` picks the model statistic
+  (the example-weighted mean, or a robust one of :mod:`strategies.robust`);
 - reply arrays are cast to the global model's dtypes and aggregated in site order, so the
   result does not depend on reply arrival order;
 - ``self.round`` counts completed rounds and is part of ``state_dict()``: the round sent as
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar, NamedTuple
@@ -37,12 +45,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from strategies import maths
+from strategies import maths, robust
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    EVALUATE_SCHEMA,
     FEDPROX_MU,
-    METRICS,
     NUM_EXAMPLES,
     SCAFFOLD_ACCEPTED,
     SCAFFOLD_C_DELTA,
@@ -51,11 +59,15 @@ from strategies.protocol import (
     SCAFFOLD_OPTIONS,
     SCAFFOLD_TOKEN,
     SERVER_ROUND,
-    SITE_ID,
+    TRAIN_SCHEMA,
     ReplyError,
+    ReplySchema,
+    bounded,
+    check_content,
+    error_kind,
+    site_claim,
     to_numpy,
     to_record,
-    validate_metrics,
     validate_reply,
 )
 
@@ -107,34 +119,95 @@ def sent_nodes(messages: Iterable[Message]) -> dict[str, int]:
     }
 
 
-def site_of(reply: Message, node: int, known: dict[int, str]) -> str:
-    """The reply's ``site-id`` (learned into ``known``), else the node's known site, else
-    ``node-<id>``."""
-    if reply.has_content() and CONFIG in reply.content.config_records:
-        site = reply.content.config_records[CONFIG].get(SITE_ID)
-        if site is not None:
-            known[node] = str(site)
-    return known.get(node, f"node-{node}")
+class SiteNames(Mapping[int, str]):
+    """Which site each node is: a name bound to the node id the first time the node replies.
+
+    The node id is the transport's (in deployment the SuperNode's authenticated key's, in
+    simulation the partition's); the name is the ``site-id`` its first reply with content
+    claims (``node-<id>`` if it claims none, or one another node holds). It never changes: a
+    later reply claiming another name is rejected and recorded under the bound name, and two
+    nodes never share a name. A node not bound yet (no reply, or error replies only) is
+    ``node-<id>``. A mapping node -> bound name; :meth:`state` / :meth:`load` are part of the
+    strategy state, so a resumed run keeps every binding.
+    """
+
+    PREFIX = "sites/"
+
+    def __init__(self, bound: Mapping[int, str] | None = None) -> None:
+        self._names: dict[int, str] = {}
+        self._owners: dict[str, int] = {}
+        for node, name in (bound or {}).items():
+            self._names[int(node)] = str(name)
+            self._owners[str(name)] = int(node)
+
+    def __getitem__(self, node: int) -> str:
+        return self._names[node]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def name(self, node: int) -> str:
+        """The node's bound name, else ``node-<id>``."""
+        return self._names.get(node, f"node-{node}")
+
+    def _bind(self, node: int, name: str) -> str:
+        self._names[node] = name
+        self._owners[name] = node
+        log(INFO, "node %d is site %s (bound for the rest of the run)", node, name)
+        return name
+
+    def resolve(self, node: int, claim: str | None) -> tuple[str, str | None]:
+        """(the node's name, why its reply must be rejected or None) for a reply with content
+        claiming ``claim`` (already a valid site name, :func:`protocol.site_claim`); binds the
+        node on its first such reply."""
+        bound = self._names.get(node)
+        if bound is not None:
+            if claim is not None and claim != bound:
+                other = "another node's site name" if claim in self._owners else "a new name"
+                return bound, f"identity: claims {other}, not the one bound to its node"
+            return bound, None
+        if claim is not None and claim in self._owners:
+            return self._bind(node, f"node-{node}"), (
+                "identity: claims a site name bound to another node"
+            )
+        return self._bind(node, f"node-{node}" if claim is None else claim), None
+
+    def state(self) -> State:
+        """``sites/<node id>`` -> name."""
+        return {f"{self.PREFIX}{node}": name for node, name in self._names.items()}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (values may come back as 0-d arrays)."""
+        self._names.clear()
+        self._owners.clear()
+        for key, value in state.items():
+            if key.startswith(self.PREFIX):
+                node, name = int(key[len(self.PREFIX) :]), str(_scalar(value))
+                self._names[node] = name
+                self._owners[name] = node
 
 
 def _aggregate_metrics(replies: list[Reply]) -> MetricRecord:
-    """Example-weighted mean of the metrics every reply has; ``num-examples`` is summed."""
+    """Example-weighted mean of the (scalar, checked) metrics every reply has;
+    ``num-examples`` is summed."""
     total = sum(r.num_examples for r in replies)
     common = [k for k in replies[0].metrics if all(k in r.metrics for r in replies)]
     out: dict[str, Any] = {NUM_EXAMPLES: total}
+    weights = np.asarray([r.num_examples for r in replies], dtype=np.float64) / total
     for key in common:
-        if key == NUM_EXAMPLES:
-            continue
-        values = [r.metrics[key] for r in replies]
-        try:
-            stacked = np.asarray(values, dtype=np.float64)
-        except ValueError:  # lists of different lengths
-            log(WARNING, "metric %r has inconsistent lengths; not aggregated", key)
-            continue
-        weights = np.asarray([r.num_examples for r in replies], dtype=np.float64) / total
-        mean = np.tensordot(weights, stacked, axes=1)
-        out[key] = mean.tolist() if isinstance(values[0], list) else float(mean)
+        if key != NUM_EXAMPLES:
+            values = np.asarray([float(r.metrics[key]) for r in replies], dtype=np.float64)
+            out[key] = float(np.dot(weights, values))
     return MetricRecord(out)
+
+
+def _lower_median(values: Iterable[float]) -> float:
+    """The ceil(n/2)-th smallest value (one honest majority controls it, also for n = 2)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _flatten(prefix: str, arrays: Mapping[str, np.ndarray]) -> State:
@@ -153,10 +226,38 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
 
 
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "multi-krum")
+# Strategies whose server step is not a plain mean of the y_k (Scaffold's c moves with the mean
+# of the same sites' updates; fairfedavg's weights are its method): fedavg aggregation only.
+MEAN_ONLY = ("scaffold", "fairfedavg")
+# Reply records that are deltas (their norm is checked against 0, not against what was sent).
+DELTA_RECORDS = (SCAFFOLD_C_DELTA,)
+
+
 class _Base(_FlowerFedAvg):
-    """Validation, round bookkeeping, state and sampling shared by all fedunroll strategies."""
+    """Validation, identity, influence bounds, round bookkeeping, state and sampling shared by
+    all fedunroll strategies.
+
+    Parameters
+    ----------
+    max_examples_factor : float
+        Cap each reply's ``num-examples`` at this multiple of the round's lower median (0: off).
+    norm_factor : float
+        Reject a reply whose ||y_k - x|| (or ||Delta c_k||) exceeds this multiple of the round's
+        lower median (0: off). A lower median of 0 (half the sites sent x back) is replaced by
+        ||x|| / ``norm_factor`` for the model (no update may then move farther than ||x||).
+    aggregator : {"fedavg", "median", "trimmed-mean", "multi-krum"}
+        The model statistic: the example-weighted mean, or a robust (unweighted) one.
+    trim_beta : float
+        trimmed-mean: fraction trimmed at each end.
+    byzantine : int
+        multi-krum: f; the mean of the n - f best-scored updates; needs n > 2f + 2.
+    clip_norm : float
+        Clip every y_k - x to this L2 norm before aggregation (0: off).
+    """
 
     name: ClassVar[str] = ""
+    train_schema: ClassVar[ReplySchema] = TRAIN_SCHEMA
 
     def __init__(
         self,
@@ -167,6 +268,12 @@ class _Base(_FlowerFedAvg):
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         min_valid_replies: int | None = None,
+        max_examples_factor: float = 10.0,
+        norm_factor: float = 50.0,
+        aggregator: str = "fedavg",
+        trim_beta: float = 0.1,
+        byzantine: int = 1,
+        clip_norm: float = 0.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -181,12 +288,26 @@ class _Base(_FlowerFedAvg):
         self.min_valid_replies = (
             self.min_train_nodes if min_valid_replies is None else min_valid_replies
         )
+        _check_bounds(max_examples_factor, norm_factor, trim_beta, byzantine, clip_norm)
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
+        if aggregator != "fedavg" and self.name in MEAN_ONLY:
+            raise ValueError(
+                f"strategy {self.name!r} aggregates by its own rule: aggregator "
+                f"{aggregator!r} does not apply (norm_factor and clip_norm do)"
+            )
+        self.max_examples_factor = float(max_examples_factor)
+        self.norm_factor = float(norm_factor)
+        self.aggregator = aggregator
+        self.trim_beta = float(trim_beta)
+        self.byzantine = int(byzantine)
+        self.clip_norm = float(clip_norm)
         self.round = 0
         self.rejected: list[Rejection] = []
         self.train_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.evaluate_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.num_nodes = 0  # connected nodes at the last configure_train
-        self.node_sites: dict[int, str] = {}  # node id -> site id, learned from replies
+        self.sites = SiteNames()  # node id -> bound site name (strategy state)
         self._global: Arrays | None = None
         self._sent: list[Message] = []  # the last configure_* messages (ids set by the grid)
 
@@ -207,8 +328,21 @@ class _Base(_FlowerFedAvg):
         return {}
 
     def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
-        """New global arrays from validated replies (FedAvg by default)."""
-        return maths.fedavg([r.arrays for r in replies], [r.num_examples for r in replies])
+        """New global arrays from validated replies (:meth:`_combine_models` by default)."""
+        return self._combine_models(replies)
+
+    def _combine_models(self, replies: list[Reply]) -> Arrays:
+        """The y_k's statistic of ``aggregator``: FedAvg's example-weighted mean (McMahan et
+        al. 2017), the coordinate-wise median or trimmed mean (Yin et al., ICML 2018), or
+        multi-Krum with m = n - f (Blanchard et al., NeurIPS 2017)."""
+        ys = [r.arrays for r in replies]
+        if self.aggregator == "median":
+            return robust.coordinate_median(ys)
+        if self.aggregator == "trimmed-mean":
+            return robust.trimmed_mean(ys, self.trim_beta)
+        if self.aggregator == "multi-krum":
+            return robust.multi_krum(ys, self.byzantine, len(ys) - self.byzantine)
+        return maths.fedavg(ys, [r.num_examples for r in replies])
 
     def _settings(self) -> dict[str, Any]:
         """Strategy hyperparameters, for ``summary``."""
@@ -224,12 +358,15 @@ class _Base(_FlowerFedAvg):
         """Log the strategy's name and settings, then Flower's sampling summary."""
         log(INFO, "\t├──> %s %s", self.name, self._settings())
         log(INFO, "\t│\t└── min valid train replies: %d", self.min_valid_replies)
+        bounds = ("max_examples_factor", "norm_factor", "aggregator", "clip_norm")
+        log(INFO, "\t│\t└── influence bounds: %s", {k: getattr(self, k) for k in bounds})
         super().summary()
 
     # --- state ------------------------------------------------------------------------
     def state_dict(self) -> State:
-        """Strategy state: ``strategy`` (name), ``round`` and arrays under ``<record>/<key>``."""
-        return {"strategy": self.name, "round": self.round, **self._state()}
+        """Strategy state: ``strategy`` (name), ``round``, the site bindings (``sites/<node>``)
+        and arrays under ``<record>/<key>``."""
+        return {"strategy": self.name, "round": self.round, **self.sites.state(), **self._state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (scalars may come back as 0-d arrays)."""
@@ -237,6 +374,7 @@ class _Base(_FlowerFedAvg):
         if name != self.name:
             raise ValueError(f"state is for strategy {name!r}, this is {self.name!r}")
         self.round = int(_scalar(state["round"]))
+        self.sites.load(state)
         self._load_state(state)
 
     # --- train ------------------------------------------------------------------------
@@ -265,33 +403,65 @@ class _Base(_FlowerFedAvg):
         self._sent = list(self._construct_messages(content, node_ids, MessageType.TRAIN))
         return self._sent
 
-    def _who(self, msg: Message) -> tuple[int, str]:
-        """(node, site) a reply is about, via ``reply_to_message_id`` (see :func:`reply_node`)."""
-        node = reply_node(msg, sent_nodes(self._sent))
-        return node, site_of(msg, node, self.node_sites)
+    def identify(
+        self, replies: Iterable[Message], round_: int, phase: str
+    ) -> list[tuple[Message, int, str]]:
+        """(reply, node, site) of the replies that may be checked further, in node order.
+
+        The node is the one the answered message went to (:func:`reply_node`); the site is the
+        name bound to it (:class:`SiteNames`). An error reply (recorded by its kind only) or a
+        reply claiming a name that is not its node's is rejected here, under the node's name.
+        """
+        sent = sent_nodes(self._sent)
+        out = []
+        for msg, node in sorted(((m, reply_node(m, sent)) for m in replies), key=lambda p: p[1]):
+            checked = self.identify_one(msg, node, round_, phase)
+            if checked is not None:
+                out.append((msg, node, checked))
+        return out
+
+    def identify_one(self, msg: Message, node: int, round_: int, phase: str) -> str | None:
+        """The site of ``node``'s reply ``msg``, or None after rejecting it (see
+        :meth:`identify`)."""
+        if msg.has_error():
+            kind = error_kind(msg.error.code, msg.error.reason)
+            self.reject(round_, self.sites.name(node), f"client error: {kind}", phase)
+            return None
+        if not msg.has_content():
+            self.reject(round_, self.sites.name(node), "empty reply", phase)
+            return None
+        try:
+            claim = site_claim(msg.content)
+        except ReplyError as err:
+            self.reject(round_, self.sites.name(node), str(err), phase)
+            return None
+        site, problem = self.sites.resolve(node, claim)
+        if problem is not None:
+            self.reject(round_, site, problem, phase)
+            return None
+        return site
 
     def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         content = msg.content
+        metrics = check_content(content, self.train_schema)
         extra_refs = self._extra_references()
-        expected = {ARRAYS, *extra_refs}
-        got = set(content.array_records)
-        if got != expected:
+        expected = [ARRAYS, *extra_refs]
+        missing = [k for k in expected if k not in content.array_records]
+        unexpected = [k for k in content.array_records if k not in expected]
+        if missing or unexpected:  # names declared in the schema (check_content)
+            what = [f"missing {k!r}" for k in missing] + [f"unexpected {k!r}" for k in unexpected]
             raise ReplyError(
-                f"array records {sorted(got)} != expected {sorted(expected)} "
-                "(is the client running the same strategy?)"
+                f"array records: {', '.join(what)} (is the client running the same strategy?)"
             )
-        if METRICS not in content.metric_records:
-            raise ReplyError(f"missing MetricRecord {METRICS!r}")
-        metrics = dict(content.metric_records[METRICS])
-        num_examples = validate_metrics(metrics)
+        num_examples = int(metrics[NUM_EXAMPLES])
         parsed = {}
         for name, ref in {ARRAYS: self._global, **extra_refs}.items():
             try:
                 arrays = to_numpy(content.array_records[name])
-            except Exception as err:  # undecodable bytes are a reply fault
-                raise ReplyError(f"{name}: cannot decode arrays ({err})") from err
+            except Exception as err:  # undecodable bytes are a reply fault; never quoted
+                raise ReplyError(f"{name}: cannot decode arrays ({type(err).__name__})") from err
             validate_reply(arrays, ref, record=name)
             cast = {k: arrays[k].astype(ref[k].dtype, copy=False) for k in ref}
             if any(cast[k].dtype != arrays[k].dtype for k in ref):
@@ -305,8 +475,64 @@ class _Base(_FlowerFedAvg):
 
         Also for replies that never came (the server's round loop calls it on a timeout).
         """
+        reason = bounded(reason)
         log(WARNING, "round %s: %s reply from %s rejected: %s", round_, phase, site, reason)
         self.rejected.append(Rejection(round_, site, reason, phase))
+
+    # --- bounds on one site's influence -------------------------------------------------
+    def _bound_influence(self, round_: int, replies: list[Reply]) -> list[Reply]:
+        """Norm check, example cap and clipping (README "Security and robustness")."""
+        replies = self._check_norms(round_, replies)
+        if self.max_examples_factor and replies:
+            claims = [r.num_examples for r in replies]
+            for r, n in zip(replies, robust.cap_examples(claims, self.max_examples_factor)):
+                if n < r.num_examples:
+                    log(
+                        WARNING,
+                        "round %s: %s claims %d examples; weighted as %d (robust."
+                        "max-examples-factor %g x the round's lower median)",
+                        round_,
+                        r.site,
+                        r.num_examples,
+                        n,
+                        self.max_examples_factor,
+                    )
+                    r.num_examples = n
+                    r.metrics[NUM_EXAMPLES] = n
+        if self.clip_norm and replies:
+            assert self._global is not None
+            for r in replies:
+                r.arrays = _clipped(r.arrays, self._global, self.clip_norm)
+        return replies
+
+    def _check_norms(self, round_: int, replies: list[Reply]) -> list[Reply]:
+        """Reject replies whose ||y_k - x|| (or ||Delta c_k||) exceeds ``norm_factor`` x the
+        round's lower median of that norm (:func:`strategies.robust.norm_outliers`'s rule)."""
+        if not self.norm_factor or len(replies) < 2:
+            return replies
+        assert self._global is not None
+        checks: list[tuple[str, list[Arrays], Arrays, float]] = []
+        floor = robust.global_norm(self._global) / self.norm_factor  # x never moves past ||x||
+        checks.append((ARRAYS, [r.arrays for r in replies], self._global, floor))
+        for name in DELTA_RECORDS:
+            if name in replies[0].extra:
+                zeros = {k: np.zeros_like(v) for k, v in replies[0].extra[name].items()}
+                checks.append((name, [r.extra[name] for r in replies], zeros, 0.0))
+        flagged: dict[int, str] = {}
+        for name, arrays, reference, floor in checks:
+            norms = robust.update_norms(arrays, reference)
+            lmed = _lower_median(norms) or floor
+            if lmed <= 0:
+                continue  # nothing moved in most replies and there is no scale: no check
+            for i, norm in enumerate(norms):
+                if i not in flagged and not norm <= self.norm_factor * lmed:
+                    flagged[i] = (
+                        f"{name}: update norm {norm / lmed:.3g} x the round's lower median "
+                        f"(robust.norm-factor {self.norm_factor:g})"
+                    )
+        for i, reason in sorted(flagged.items()):
+            self.reject(round_, replies[i].site, reason, "train")
+        return [r for i, r in enumerate(replies) if i not in flagged]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -314,22 +540,22 @@ class _Base(_FlowerFedAvg):
         """Validate replies, drop bad ones, aggregate the rest; advances ``self.round``."""
         round_ = self.round + 1
         valid: list[Reply] = []
-        for msg in replies:
-            node, site = self._who(msg)
-            if msg.has_error():
-                self.reject(round_, site, f"client error: {msg.error.reason}", "train")
-                continue
+        for msg, node, site in self.identify(replies, round_, "train"):
             try:
                 valid.append(self._parse_train_reply(msg, node, site))
             except ReplyError as err:
                 self.reject(round_, site, str(err), "train")
         valid.sort(key=lambda r: (r.site, r.node_id))  # arrival order must not matter
+        valid = self._bound_influence(round_, valid)
         log(INFO, "aggregate_train: %s valid replies", len(valid))
-        if len(valid) < self.min_valid_replies:
+        needed = self.min_valid_replies
+        if self.aggregator == "multi-krum" and valid:
+            needed = max(needed, 2 * self.byzantine + 3)  # Krum needs n > 2f + 2
+        if len(valid) < needed:
             reasons = "; ".join(f"{r.site}: {r.reason}" for r in self.rejected if r.round == round_)
             raise NotEnoughReplies(
                 f"round {round_}: {len(valid)} valid train replies, need "
-                f"{self.min_valid_replies}. Rejected: {reasons or 'none'}"
+                f"{needed}. Rejected: {reasons or 'none'}"
             )
         if not valid:
             return None, None
@@ -358,16 +584,10 @@ class _Base(_FlowerFedAvg):
     ) -> MetricRecord | None:
         """Example-weighted metrics of the valid evaluate replies; bad ones are recorded."""
         valid: list[Reply] = []
-        for msg in replies:
-            node_id, site = self._who(msg)
-            if msg.has_error():
-                self.reject(self.round, site, f"client error: {msg.error.reason}", "evaluate")
-                continue
+        for msg, node_id, site in self.identify(replies, self.round, "evaluate"):
             try:
-                if METRICS not in msg.content.metric_records:
-                    raise ReplyError(f"missing MetricRecord {METRICS!r}")
-                metrics = dict(msg.content.metric_records[METRICS])
-                valid.append(Reply(site, node_id, validate_metrics(metrics), {}, metrics))
+                metrics = check_content(msg.content, EVALUATE_SCHEMA)
+                valid.append(Reply(site, node_id, int(metrics[NUM_EXAMPLES]), {}, metrics))
             except ReplyError as err:
                 self.reject(self.round, site, str(err), "evaluate")
         if not valid:
@@ -376,6 +596,30 @@ class _Base(_FlowerFedAvg):
         valid.sort(key=lambda r: (r.site, r.node_id))
         self.evaluate_site_metrics[self.round] = {r.site: r.metrics for r in valid}
         return _aggregate_metrics(valid)
+
+
+def _check_bounds(
+    max_examples_factor: float, norm_factor: float, trim_beta: float, byzantine: int, clip: float
+) -> None:
+    for key, value in (("max_examples_factor", max_examples_factor), ("norm_factor", norm_factor)):
+        if not (math.isfinite(value) and (value == 0 or value >= 1)):
+            raise ValueError(f"{key} must be 0 (off) or a finite number >= 1, got {value}")
+    if not 0 <= trim_beta < 0.5:
+        raise ValueError(f"trim_beta must be in [0, 0.5), got {trim_beta}")
+    if byzantine < 0:
+        raise ValueError(f"byzantine must be >= 0, got {byzantine}")
+    if not (math.isfinite(clip) and clip >= 0):
+        raise ValueError(f"clip_norm must be finite and >= 0, got {clip}")
+
+
+def _clipped(y: Arrays, x: Arrays, max_norm: float) -> Arrays:
+    """x + clip(y - x) over the float arrays (Sun et al. 2019 norm bounding); others as sent."""
+    keys = [k for k, a in x.items() if maths.is_float(a)]
+    delta = robust.clip_to_norm({k: np.asarray(y[k], np.float64) - x[k] for k in keys}, max_norm)
+    out = dict(y)
+    for k in keys:
+        out[k] = (x[k] + delta[k]).astype(x[k].dtype)
+    return out
 
 
 class FedAvg(_Base):

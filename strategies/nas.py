@@ -13,16 +13,21 @@
   (``arrays``) and α (``nas.alpha``) and expects both back; θ is the example-weighted FedAvg and
   α the example-weighted mean over *every* valid reply
   (:func:`strategies.nas_maths.aggregate_alpha`). α is strategy state (``nas.alpha/<key>``).
+  A robust ``aggregator`` replaces θ's mean; α keeps Eq. 8.
+
+Both check their train replies against their own schema (``protocol.FAIR_TRAIN_SCHEMA``: the
+risk gap is required; ``protocol.SEARCH_SCHEMA``), with the identity and influence bounds of
+:class:`strategies.flower._Base`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 
 from strategies import maths, nas_maths
 from strategies.flower import (
@@ -36,9 +41,11 @@ from strategies.flower import (
 from strategies.protocol import (
     FAIR_REPORT,
     FAIR_RISK_GAP,
+    FAIR_TRAIN_SCHEMA,
     FAIR_WEIGHTS,
     NAS_ALPHA,
-    ReplyError,
+    SEARCH_SCHEMA,
+    ReplySchema,
     to_record,
 )
 
@@ -47,6 +54,7 @@ class FairFedAvg(_Base):
     """FedAvg with fairness-adjusted, resumable per-site weights (GAutoMRI Eq. 9-11)."""
 
     name = "fairfedavg"
+    train_schema: ClassVar[ReplySchema] = FAIR_TRAIN_SCHEMA  # fair.risk-gap required
 
     def __init__(self, *, gamma: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -61,16 +69,6 @@ class FairFedAvg(_Base):
 
     def _train_config(self, config: ConfigRecord) -> None:
         config[FAIR_REPORT] = True
-
-    def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
-        reply = super()._parse_train_reply(msg, node, site)
-        if FAIR_RISK_GAP not in reply.metrics:
-            raise ReplyError(
-                f"metrics: missing {FAIR_RISK_GAP!r} (is the client running fairfedavg?)"
-            )
-        if isinstance(reply.metrics[FAIR_RISK_GAP], list):
-            raise ReplyError(f"metrics[{FAIR_RISK_GAP!r}]: expected a scalar")
-        return reply
 
     def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
         sites = [r.site for r in replies]
@@ -99,6 +97,7 @@ class NasSearch(_Base):
     """
 
     name = "nas-search"
+    train_schema: ClassVar[ReplySchema] = SEARCH_SCHEMA
 
     def __init__(self, *, alpha: Mapping[str, np.ndarray] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -120,7 +119,7 @@ class NasSearch(_Base):
     def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
         n = [r.num_examples for r in replies]
         self.alpha = nas_maths.aggregate_alpha([r.extra[NAS_ALPHA] for r in replies], n)
-        return maths.fedavg([r.arrays for r in replies], n)
+        return self._combine_models(replies)
 
     def _evaluate_records(self) -> dict[str, ArrayRecord]:
         """Evaluate the supernet with the current global α (sent as ``nas.alpha``)."""

@@ -14,6 +14,10 @@ from client.site import clear_cache
 from recon.config import parse_run_config
 from server.app import initial_model
 from strategies.protocol import (
+    ERROR_CONFIG,
+    ERROR_DATA,
+    ERROR_DEVICE,
+    ERROR_KINDS,
     FEDPROX_MU,
     NUM_EXAMPLES,
     RUN_UID,
@@ -144,29 +148,36 @@ def test_deployment_node_config_names_the_site(setup) -> None:
     assert reply.content.config_records["config"][SITE_ID] == "hospital-c"
 
 
-def test_bad_site_fails_its_reply_with_file_and_field(setup, tmp_path) -> None:
+def test_bad_site_fails_its_reply_with_file_and_field(setup, tmp_path, caplog) -> None:
+    """The file and field go to the site's own log; the reply says only the kind of failure
+    (file names may carry patient identifiers and never leave the hospital)."""
     _, flat, arrays = setup
     clear_cache()
     bad = tmp_path / "badsite"
     (bad / "train").mkdir(parents=True)
     (bad / "train" / "broken.h5").write_bytes(b"not an h5 file")
     reply, _ = _train(flat, arrays, node_config={"data-path": str(bad)})
-    assert reply.has_error()
-    assert "broken.h5" in reply.error.reason and "field" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == ERROR_DATA
+    assert "broken.h5" in caplog.text and "field" in caplog.text
 
+    caplog.clear()
     missing, _ = _train(flat, arrays, node_config={"data-path": str(tmp_path / "nowhere")})
-    assert missing.has_error() and "data-path" in missing.error.reason
+    assert missing.has_error() and missing.error.reason == ERROR_DATA
+    assert "data-path" in caplog.text and "nowhere" not in missing.error.reason
 
+    caplog.clear()
     no_site, _ = _train(flat, arrays, node_config={})
-    assert no_site.has_error() and "partition-id" in no_site.error.reason
+    assert no_site.has_error() and no_site.error.reason == ERROR_CONFIG
+    assert "partition-id" in caplog.text
 
 
-def test_wrong_architecture_fails_the_reply(setup) -> None:
+def test_wrong_architecture_fails_the_reply(setup, caplog) -> None:
     _, flat, arrays = setup
     wrong = {k: v for k, v in arrays.items()}
     wrong.pop(next(iter(wrong)))
     reply, _ = _train(flat, wrong)
-    assert reply.has_error() and "state_dict" in reply.error.reason
+    assert reply.has_error() and reply.error.reason in ERROR_KINDS
+    assert "state_dict" in caplog.text
 
 
 def test_client_uses_one_thread() -> None:
@@ -232,7 +243,7 @@ def test_scaffold_with_gleam_leaves_frozen_controls_alone(setup, option) -> None
     assert trained and all(np.abs(delta[k]).sum() > 0 for k in trained)
 
 
-def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup) -> None:
+def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup, caplog) -> None:
     """``gleam-devices`` (P-GLEAM, GLEAM Alg. 2) gives the single-device GLEAM update; a
     device the node does not have fails the reply and names it."""
     root, flat, _ = setup
@@ -252,4 +263,5 @@ def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup) -
         np.testing.assert_allclose(y2[k], y1[k], rtol=0, atol=1e-6, err_msg=k)
     if not torch.cuda.is_available():
         bad, _ = _train(flat, arrays, node_config={**node, "gleam-devices": "cpu,cuda:1"})
-        assert bad.has_error() and "cuda:1" in bad.error.reason
+        assert bad.has_error() and bad.error.reason == ERROR_DEVICE
+        assert "cuda:1" in caplog.text
