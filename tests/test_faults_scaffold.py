@@ -24,6 +24,7 @@ from test_app_support import tiny_config, tiny_sites
 
 from client import control
 from client.app import app as client_app
+from client.state import RoundFiles
 from recon.config import parse_run_config
 from server import checkpoint
 from server.app import run_federation
@@ -394,3 +395,37 @@ def test_resume_keeps_the_invariant(root, tmp_path, tmp_path_factory, crash) -> 
     _assert_same(resumed["c"], reference["c"])
     for i in range(len(NODES)):
         _assert_same(resumed["sites"][i], reference["sites"][i])
+
+
+# --- the site's side: pending, committed, files ------------------------------------------------
+
+
+def test_site_commits_only_what_the_server_accepted(tmp_path) -> None:
+    ref = {"w": np.zeros(3, np.float32)}
+
+    def c(v: float) -> dict[str, np.ndarray]:
+        return {"w": np.full(3, v, np.float32)}
+
+    def resolve(state: RecordDict, accepted: set[str]) -> control.Control:
+        return control.resolve_control(state, tmp_path, "uid", ref, accepted)
+
+    files = RoundFiles(tmp_path, "uid", "scaffold_c")
+    state = RecordDict()
+    assert resolve(state, set()).round == 0
+    t1 = control.keep_pending(state, tmp_path, "uid", 1, c(1), 0)
+    assert resolve(state, {t1}).round == 1  # accepted: committed
+    t2 = control.keep_pending(state, tmp_path, "uid", 2, c(2), 1)
+    lost = resolve(state, {t1})  # round 2's reply never reached the server
+    assert lost.round == 1 and lost.arrays["w"][0] == 1 and files.rounds() == [1]
+    assert control.PENDING_ARRAYS not in state.array_records
+    t3 = control.keep_pending(state, tmp_path, "uid", 3, c(3), 1)
+    assert t2 not in (t1, t3)
+    # a new Flower run (resume): an empty state reads the files
+    now = resolve(RecordDict(), {t3, "f" * 32})
+    assert now.round == 3 and now.arrays["w"][0] == 3 and files.rounds() == [1, 3]
+    # a server back on its previous checkpoint (before round 3 was accepted) finds round 1
+    back = resolve(RecordDict(), {t1})
+    assert back.round == 1 and back.arrays["w"][0] == 1 and files.rounds() == [1]
+    control.keep_pending(state, tmp_path, "uid", 4, c(4), 1)
+    control.forget_run(state, tmp_path, "uid")
+    assert not state.array_records and not files.rounds()
