@@ -244,6 +244,19 @@ def test_coil_last_file_is_refused_with_the_transpose(tmp_path: Path) -> None:
         assert "fedunroll convert coil_last.h5 OUT.h5 --layout shwc" in err.reason
 
 
+def test_coil_axis_at_h_is_refused() -> None:
+    from recon.data.checks import coil_axis_reason, suggest_layout
+
+    assert coil_axis_reason((2, 4, 32, 32)) is None  # 4 coils of 32x32
+    assert coil_axis_reason((2, 32, 32, 32)) is None  # as many coils as pixels: can't tell
+    why = coil_axis_reason((2, 32, 4, 40))
+    assert why is not None and "looks like [slices, H, coils, W] (4 coils of 32x40)" in why
+    assert suggest_layout("schw", (2, 96, 96, 16)) == "shwc"
+    assert suggest_layout("schw", (2, 32, 4, 40)) == "shcw"
+    assert suggest_layout("hwcs", (3, 40, 32, 2)) == "chws"  # MATLAB size() order
+    assert suggest_layout("schw", (2, 4, 32, 32)) is None
+
+
 @pytest.mark.parametrize("names", [("real", "imag"), ("r", "i")])
 def test_compound_real_imag_is_accepted(tmp_path: Path, names: tuple[str, str]) -> None:
     k = phantom_kspace()

@@ -191,22 +191,47 @@ COMPLEX_FORMS = "complex, a compound of r/i or real/imag floats, or floats [slic
 # --- layout ----------------------------------------------------------------------------------
 
 
-def coil_last_reason(shape: tuple[int, ...], convert_hint: str = "") -> str | None:
-    """Why a ``[slices, coils, H, W]`` shape looks like ``[slices, H, W, coils]``, else None.
+def coil_axis_reason(shape: tuple[int, ...], convert_hint: str = "") -> str | None:
+    """Why a ``[slices, coils, H, W]`` shape has its coil axis in the wrong place, else None.
 
-    The last axis is at least :data:`COIL_LAST_RATIO` times smaller than both the "coils" and
-    the "H" axis: read as stored it would be dozens of coils of a few pixels' width.
+    The coils are the smallest of the three axes; an ``H`` or ``W`` axis at least
+    :data:`COIL_LAST_RATIO` times smaller than the two others is the coil axis misplaced (read as
+    stored, e.g. 96 "coils" of 96x16). The usual case is coil-last ``[slices, H, W, coils]``.
     """
     if len(shape) != 4:
         return None
-    _, c, h, w = shape
-    if w < 1 or COIL_LAST_RATIO * w > min(c, h):
+    _, c, h, w = (int(n) for n in shape)
+    if w >= 1 and COIL_LAST_RATIO * w <= min(c, h):
+        looks, coils, image = "[slices, H, W, coils]", w, (c, h)
+    elif h >= 1 and COIL_LAST_RATIO * h <= min(c, w):
+        looks, coils, image = "[slices, H, coils, W]", h, (c, w)
+    else:
         return None
     return (
-        f"shape {tuple(shape)} looks like [slices, H, W, coils] ({w} coils of {c}x{h}), not "
+        f"shape {tuple(shape)} looks like {looks} ({coils} coils of {image[0]}x{image[1]}), not "
         f"[slices, coils, H, W] ({c} coils of {h}x{w}); transpose to [slices, coils, H, W]"
         f"{convert_hint}"
     )
+
+
+def suggest_layout(layout: str, sizes: tuple[int, ...]) -> str | None:
+    """A layout that puts the coils on the smallest of the ``c``/``h``/``w`` axes, if ``layout``
+    does not (``H`` kept before ``W`` in the order written), else None.
+
+    E.g. ``suggest_layout("schw", (2, 96, 96, 16)) == "shwc"``; for MATLAB's order,
+    ``suggest_layout("hwcs", (3, 40, 32, 2)) == "chws"``.
+    """
+    pos = [i for i, a in enumerate(layout) if a in "chw"]
+    if len(pos) != 3:
+        return None
+    small = min(pos, key=lambda i: sizes[i])
+    if layout[small] == "c":
+        return None
+    out = list(layout)
+    out[small] = "c"
+    for i, a in zip([i for i in pos if i != small], "hw"):
+        out[i] = a
+    return "".join(out)
 
 
 # --- content ---------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ from recon.data.checks import (
     CheckReport,
     DataError,
     check_kspace,
-    coil_last_reason,
+    coil_axis_reason,
     complex_kind,
     compound_fields,
+    suggest_layout,
     to_complex,
 )
 from recon.data.h5io import HEADER, KSPACE, RSS, write_volume
@@ -160,35 +161,29 @@ def parse_layout(text: str, ndim: int, shown: str, field_name: str) -> str:
     return lay
 
 
-def _suggest(layout_np: str) -> str:
-    """The numpy-order layout that reads a coil-last result correctly: what was taken for
-    coils is H, H is W and W is the coils."""
-    return layout_np.translate(str.maketrans("chw", "hwc"))
-
-
 def apply_layout(
-    arr: np.ndarray, layout_np: str, shown: str, field_name: str, matlab: bool = False
+    arr: np.ndarray, layout: str, shown: str, field_name: str, matlab: bool = False
 ) -> np.ndarray:
-    """``arr`` (complex, compound or real with an ``r`` axis) with its axes named by
-    ``layout_np`` (numpy order) -> complex64 ``[S, C, H, W]``.
+    """``arr`` (complex, compound or real with an ``r`` axis) with its axes named by ``layout``
+    (numpy order; MATLAB ``size()`` order if ``matlab``) -> complex64 ``[S, C, H, W]``.
 
-    Refuses a result that looks coil-last (:func:`recon.data.checks.coil_last_reason`), with the
-    layout that would read it.
+    Refuses a result whose coil axis looks misplaced
+    (:func:`recon.data.checks.coil_axis_reason`), with the layout that would read it.
     """
+    lay = layout[::-1] if matlab else layout  # numpy order
     kind = complex_kind(arr.dtype, arr.shape, pairs_ndim=-1)
-    if "r" in layout_np:
+    if "r" in lay:
         if kind is not None:
             raise DataError(shown, field_name, f"layout has 'r' but the data are {arr.dtype}")
         if arr.dtype.kind not in "fiu":
             raise DataError(shown, field_name, f"expected {COMPLEX_FORMS}, got {arr.dtype}")
-        r_axis = layout_np.index("r")
+        r_axis = lay.index("r")
         if arr.shape[r_axis] != 2:
             raise DataError(
                 shown, field_name, f"the 'r' axis has length {arr.shape[r_axis]}, expected 2"
             )
-        arr = np.moveaxis(arr, r_axis, -1)
-        layout_np = layout_np.replace("r", "")
-        k = to_complex(arr, "pairs")
+        k = to_complex(np.moveaxis(arr, r_axis, -1), "pairs")
+        lay = lay.replace("r", "")
     elif kind is None:
         raise DataError(
             shown,
@@ -198,15 +193,17 @@ def apply_layout(
         )
     else:
         k = to_complex(arr, kind)
-    if "s" not in layout_np:
-        k, layout_np = k[None], "s" + layout_np
-    k = np.ascontiguousarray(np.transpose(k, [layout_np.index(a) for a in TARGET]))
-    why = coil_last_reason(k.shape)
+    if "s" not in lay:
+        k, lay = k[None], "s" + lay
+    k = np.ascontiguousarray(np.transpose(k, [lay.index(a) for a in TARGET]))
+    why = coil_axis_reason(k.shape)
     if why is not None:
-        better = _suggest(layout_np)
-        shown_layout = better[::-1] if matlab else better
+        sizes = tuple(reversed(arr.shape)) if matlab else tuple(arr.shape)
+        better = suggest_layout(layout, sizes)
         order = "MATLAB size() order" if matlab else "numpy order"
-        raise DataError(shown, field_name, f"{why}: pass --layout {shown_layout} ({order})")
+        raise DataError(
+            shown, field_name, why + (f": pass --layout {better} ({order})" if better else "")
+        )
     return k
 
 
@@ -215,10 +212,13 @@ def _is_complex_like(obj: Any) -> bool:
 
 
 def _describe(f: h5py.File) -> str:
+    """``name (type shape)`` of every variable (MATLAB's internal ``#refs#`` left out)."""
     parts = []
     for key, obj in f.items():
         if isinstance(obj, h5py.Dataset) and not key.startswith("#"):
-            parts.append(f"{key} {obj.dtype} {obj.shape}")
+            kind = complex_kind(obj.dtype, obj.shape, -1)
+            what = "complex" if kind is not None else str(obj.dtype)
+            parts.append(f"{key} ({what} {obj.shape})")
     return ", ".join(parts) or "none"
 
 
@@ -276,7 +276,7 @@ def read_matlab(path: Path, shown: str, var: str | None, layout: str | None) -> 
                 )
         lay = parse_layout(layout, ds.ndim, shown, name)
         arr = ds[()]
-    k = apply_layout(arr, lay[::-1], shown, name, matlab=True)
+    k = apply_layout(arr, lay, shown, name, matlab=True)
     note = (
         f"MATLAB variable '{name}' of size {list(matlab_shape)} read as {lay} "
         f"(MATLAB size() order; {', '.join(AXES[a] for a in lay)})"

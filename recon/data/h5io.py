@@ -31,9 +31,10 @@ from recon.data.checks import (
     DataWarning,
     Finding,
     check_kspace,
-    coil_last_reason,
+    coil_axis_reason,
     complex_kind,
     redact_paths,
+    suggest_layout,
     to_complex,
 )
 from recon.fileio import atomic_path
@@ -171,9 +172,10 @@ def _validate(
     for n, what in ((s, "slices"), (c, "coils"), (h, "H"), (w, "W")):
         if n == 0:
             raise DataError(shown, KSPACE, f"zero {what} in shape {ds.shape}")
-    coil_last = coil_last_reason((s, c, h, w), f" ({_convert_hint(shown, ' --layout shwc')})")
-    if coil_last is not None:
-        raise DataError(shown, KSPACE, coil_last)
+    hint = suggest_layout("schw", (s, c, h, w)) or "shwc"
+    misplaced = coil_axis_reason((s, c, h, w), f" ({_convert_hint(shown, f' --layout {hint}')})")
+    if misplaced is not None:
+        raise DataError(shown, KSPACE, misplaced)
     if RSS in f:
         r = f[RSS]
         if not isinstance(r, h5py.Dataset) or r.ndim != 3:
