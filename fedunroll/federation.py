@@ -74,6 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedunroll.simulate import (
         SimulationError,
         build_config,
+        check_run_free,
         ensure_sites,
         pin_run_dir,
         resume_config,
@@ -82,9 +83,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from recon.config import ConfigError
     from recon.data import DataError
     from server import results
+    from server.runlock import RunInUseError
 
     cfg = None
     try:
+        if args.resume:
+            check_run_free(Path(args.resume))  # a live run is refused before anything starts
         overrides = {**load_config_file(args.config), **parse_sets(args.set)}
         if args.resume:
             cfg = resume_config(Path(args.resume), overrides)
@@ -94,6 +98,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ensure_sites(cfg)
         run_dir = run_simulation(cfg, quiet=args.quiet)
     except (ConfigError, ValidationError, DataError, FileNotFoundError, FileExistsError) as exc:
+        print(f"fedunroll simulate: error: {exc}", file=sys.stderr)
+        return 2
+    except RunInUseError as exc:
         print(f"fedunroll simulate: error: {exc}", file=sys.stderr)
         return 2
     except SimulationError as exc:

@@ -33,6 +33,7 @@ from fedunroll.overrides import toml_value
 from fedunroll.procs import ProcessGroup
 from recon.config import RunConfig, default_flat, parse_run_config
 from server import checkpoint
+from server.runlock import LOCK_FILE, RunLock
 
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -388,6 +389,17 @@ def pin_run_dir(cfg: RunConfig) -> RunConfig:
     )
 
 
+def check_run_free(run_dir: Path) -> None:
+    """Raise :class:`server.runlock.RunInUseError` if a live run owns ``run_dir``.
+
+    Probes the lock its ServerApp holds (``<run dir>/.lock``) and releases it at once; creates
+    nothing where there is no lock file yet.
+    """
+    if (Path(run_dir) / LOCK_FILE).is_file():
+        with RunLock(run_dir):
+            pass
+
+
 def run_simulation(
     cfg: RunConfig,
     *,
@@ -404,9 +416,12 @@ def run_simulation(
         ``results.json`` / ``simulation.log`` say why).
     KeyboardInterrupt
         On Ctrl-C / SIGTERM, after every started process is stopped.
+    server.runlock.RunInUseError
+        If a live run owns the run directory (nothing is started).
     """
     cfg = pin_run_dir(cfg)
     run_dir = Path(cfg.run.resume) if cfg.run.resume else Path(cfg.run.out) / cfg.run.name
+    check_run_free(run_dir)  # before writing anything into it or starting any process
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)

@@ -106,10 +106,19 @@ def run_federation(grid: Grid, cfg: RunConfig, after_round: Any = None) -> dict[
 
     Raises whatever stopped the run (too few replies, no nodes) after writing
     ``results.json`` with ``status = "failed: <reason>"``; the checkpoint of the last completed
-    round stays, so ``run.resume`` can continue.
+    round stays, so ``run.resume`` can continue. The run directory is locked for the whole run
+    (:class:`server.runlock.RunLock`): a second run or resume of it while this one lives raises
+    :class:`server.runlock.RunInUseError` before touching anything; a killed run's lock dies
+    with it.
     """
-    t_start = time.perf_counter()
     run_dir = run_dir_of(cfg)
+    with checkpoint.RunLock(run_dir):
+        return _federate(grid, cfg, run_dir, after_round)
+
+
+def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> dict[str, Any]:
+    """:func:`run_federation` with ``run_dir`` locked."""
+    t_start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = strategy_from_config(cfg)
     genotype = _training_genotype(grid, cfg, run_dir, t_start)

@@ -72,7 +72,7 @@ def search_phase(grid: Grid, cfg: RunConfig, run_dir: Path) -> Genotype:
     )
     sdir = out / SEARCH_DIR
     sdir.mkdir(parents=True, exist_ok=True)
-    if (sdir / checkpoint.CHECKPOINT).exists():
+    if checkpoint.exists(sdir):
         state = checkpoint.load(sdir)
         strategy.load_state_dict(state.strategy)
         progress = Progress(
