@@ -451,6 +451,7 @@ class Federation:
     def final_evaluation(self, arrays: ArrayRecord) -> tuple[dict[str, Any], dict[str, Any]]:
         """Global model and zero-filled metrics on every connected site's test slices."""
         nodes = wait_for_nodes(self.grid, self._needed(), self.cfg.federation.node_wait_timeout)
+        self.sites.connected(nodes)
         config = self._config("test")
         config[RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})

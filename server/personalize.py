@@ -79,6 +79,8 @@ class TrainingGrid(Grid):
 
     def classify(self, nodes: Iterable[int]) -> None:
         """Ask the nodes not asked yet which site they serve and whether it is held out."""
+        nodes = list(nodes)
+        self.sites.connected(nodes)
         new = [n for n in nodes if n not in self.unseen]
         if not new:
             return
@@ -222,6 +224,7 @@ def personalization_phase(
     unseen = dict(unseen or {})
     known = sites if isinstance(sites, SiteNames) else SiteNames(sites)
     nodes = list(grid.get_node_ids())
+    known.connected(nodes)
     config = personalize_config_record(cfg, run_uid, extra_config)
     msgs = [
         Message(

@@ -129,6 +129,12 @@ class SiteNames(Mapping[int, str]):
     nodes never share a name. A node not bound yet (no reply, or error replies only) is
     ``node-<id>``. A mapping node -> bound name; :meth:`state` / :meth:`load` are part of the
     strategy state, so a resumed run keeps every binding.
+
+    Node ids last as long as the SuperLink's state: a restarted simulation (or a deployment
+    whose SuperLink lost its database) gives every node a new id. So a binding restored from a
+    checkpoint is confirmed or released the first time the connected nodes are known
+    (:meth:`connected`): one whose node is not connected frees its name for the node that
+    claims it next (logged); one whose node is connected holds as any other.
     """
 
     PREFIX = "sites/"
@@ -136,6 +142,7 @@ class SiteNames(Mapping[int, str]):
     def __init__(self, bound: Mapping[int, str] | None = None) -> None:
         self._names: dict[int, str] = {}
         self._owners: dict[str, int] = {}
+        self._restored: set[int] = set()  # loaded from a checkpoint, not yet confirmed
         for node, name in (bound or {}).items():
             self._names[int(node)] = str(name)
             self._owners[str(name)] = int(node)
@@ -175,6 +182,24 @@ class SiteNames(Mapping[int, str]):
             )
         return self._bind(node, f"node-{node}" if claim is None else claim), None
 
+    def connected(self, nodes: Iterable[int]) -> None:
+        """The nodes connected now: confirms or releases the bindings restored from a
+        checkpoint (see the class docstring); a no-op once they are settled."""
+        if not self._restored:
+            return
+        now = set(nodes)
+        for node in sorted(self._restored - now):
+            name = self._names.pop(node)
+            self._owners.pop(name, None)
+            log(
+                WARNING,
+                "site %s: node %d of the checkpoint is not connected; its name is free for the "
+                "node that claims it (node ids change when the SuperLink's state does)",
+                name,
+                node,
+            )
+        self._restored.clear()
+
     def state(self) -> State:
         """``sites/<node id>`` -> name."""
         return {f"{self.PREFIX}{node}": name for node, name in self._names.items()}
@@ -188,6 +213,7 @@ class SiteNames(Mapping[int, str]):
                 node, name = int(key[len(self.PREFIX) :]), str(_scalar(value))
                 self._names[node] = name
                 self._owners[name] = node
+        self._restored = set(self._names)
 
 
 def _aggregate_metrics(replies: list[Reply]) -> MetricRecord:
@@ -385,6 +411,7 @@ class _Base(_FlowerFedAvg):
             grid, self.min_available_nodes, max(num_nodes, min_nodes)
         )
         self.num_nodes = len(all_nodes)
+        self.sites.connected(all_nodes)
         log(INFO, "configure_%s: sampled %s of %s nodes", phase, len(node_ids), len(all_nodes))
         return node_ids
 

@@ -326,6 +326,23 @@ def test_site_names_bind_once_and_survive_state() -> None:
     assert restored.resolve(5, "a")[1] is not None
 
 
+def test_restored_bindings_follow_the_connected_nodes() -> None:
+    """After a resume, a binding holds while its node is connected; a node id the SuperLink
+    no longer has (a restarted simulation gives new ids) frees its name."""
+    saved = SiteNames({1: "a", 2: "b"}).state()
+    same = SiteNames()
+    same.load(saved)
+    same.connected([1, 2, 9])  # the same SuperLink: node 9 cannot take "a"
+    assert same.resolve(9, "a") == ("node-9", "identity: claims a site name bound to another node")
+    moved = SiteNames()
+    moved.load(saved)
+    moved.connected([5, 6])  # new node ids
+    assert moved.resolve(5, "a") == ("a", None) and moved.resolve(6, "b") == ("b", None)
+    assert dict(moved) == {5: "a", 6: "b"}
+    moved.connected([7])  # settled: a later call releases nothing
+    assert moved.resolve(7, "a")[1] is not None
+
+
 def test_strategy_state_keeps_the_bindings() -> None:
     s = FedAvg()
     s.sites.resolve(7, "a")
