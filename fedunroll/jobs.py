@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 DEFAULT_DATA = Path("data/synth")
 
+# `fedunroll recon --cs-lambda` default (recon.reconstruct.CS_LAMBDA; kept here so that
+# building the parser imports no torch)
+CS_LAMBDA = 1e-3
+
 ARCH_NAMES = {"modl": "MoDL", "pgd": "unrolled PGD"}
 
 # Defaults of `fedunroll train` that differ from the run config's (the federated default job):
@@ -123,6 +127,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"method {train_cfg.method}" + "".join(f" {k}={v}" for k, v in options.items() if v),
         flush=True,
     )
+    sampling = {
+        name: {**ds.sampling().as_dict(), "calibration": dict(ds.calibration)}
+        for name, ds in test_sets.items()
+    }
+    for name, ds in test_sets.items():
+        print(
+            f"{name}: sampling {ds.sampling().describe()}; coil maps from "
+            f"{ds.calibration['lines']} calibration lines ({ds.calibration['source']})",
+            flush=True,
+        )
     union: ConcatDataset = ConcatDataset(train_sets)
     result = local_train(
         train_cfg.method,
@@ -145,7 +159,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             "zero-filled": zf.as_dict(),
             "model": ours.as_dict(),
         }
-    print(f"\n{args.eval_split} slices, RSS magnitude:")
+    print(
+        f"\n{args.eval_split} slices, RSS magnitude (sampling: "
+        + "; ".join(f"{n} {test_sets[n].sampling().describe()}" for n in test_sets)
+        + "):"
+    )
     print(format_table(table, ["zero-filled", "model"]))
     out.mkdir(parents=True, exist_ok=True)
     # the run config travels with the weights: `recon` and `personalize` load the same slices
@@ -164,6 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "seconds": result.seconds,
             "final_loss": result.final_loss,
         },
+        "sampling": sampling,
         "final": table,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -172,9 +191,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
-    from recon.reconstruct import reconstruct_file
+    from recon.reconstruct import describe_report, reconstruct_file
 
     data_cfg = load_run_config(args).data
+    prospective = True if args.prospective else (False if args.retrospective else None)
     report = reconstruct_file(
         args.input,
         method=args.method,
@@ -185,14 +205,13 @@ def cmd_recon(args: argparse.Namespace) -> int:
         png_dir=args.png,
         cs_lambda=args.cs_lambda,
         num_unrolls=args.num_unrolls,
+        prospective=prospective,
+        mask=args.mask,
+        cache_dir=args.cache_dir,
+        cs_iters=args.cs_iters,
+        nifti=not args.no_nifti,
     )
-    m = report["mean"]
-    print(
-        f"{report['method']}: {len(report['slices'])} slices of {report['file']} "
-        f"-> {report['out']}\n"
-        f"mean SSIM {m['ssim']:.4f}  NRMSE {m['nrmse']:.4f}  PSNR {m['psnr']:.2f} dB "
-        f"(vs fully sampled RSS; per-slice values in {report['report']})"
-    )
+    print(describe_report(report))
     return 0
 
 
@@ -266,17 +285,60 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     r = sub.add_parser(
         "recon",
-        help="reconstruct an h5 file (zero-filled, SENSE, CS or a trained model)",
-        description="Retrospectively undersample a fully sampled fastMRI-layout h5 file, "
-        "reconstruct every slice and write the images; prints SSIM/NRMSE/PSNR against the fully "
-        "sampled RSS. " + KEYS_HELP + " Here only data.* matter.",
+        help="reconstruct an h5 file (SENSE, CS, zero-filled or a trained model)",
+        description="Reconstruct every slice of a fastMRI-layout multi-coil h5 file. "
+        "Prospective: k-space undersampled at acquisition (exact zeros on the skipped lines; "
+        "detected, or --prospective) is reconstructed with the mask read from its zero lines "
+        "(or --mask) and coil maps from its acquired ACS lines; there is no reference, so no "
+        "metrics. Retrospective: a fully sampled file is undersampled with --mask or the mask "
+        "keys data.mask (random1d | equispaced1d | poisson2d), data.accel (R, ACS lines "
+        "included), data.acs-frac (fully sampled centre, also the coil-map calibration lines) "
+        "and data.seed, and SSIM / NRMSE / PSNR are printed against the fully sampled RSS, on "
+        "the whole image and inside the object. Also data.crop and data.maps (espirit | "
+        "jsense). Writes <stem>.<method>.h5 / .nii.gz / .json and png/ previews into --out "
+        "(default runs/recon-<time>/), and the coil-map cache into <out>/cache, never next to "
+        "the input. " + KEYS_HELP + " Here only data.* matter.",
     )
     r.add_argument("input", help="fastMRI-layout multi-coil h5 file")
-    r.add_argument("--method", default="model", choices=["zero-filled", "sense", "cs", "model"])
+    r.add_argument(
+        "--method",
+        default="sense",
+        choices=["sense", "cs", "zero-filled", "model"],
+        help="default sense (needs no checkpoint)",
+    )
     r.add_argument("--checkpoint", help="model checkpoint (required for --method model)")
-    r.add_argument("--out", help="output h5 (default <input stem>.<method>.h5 next to the input)")
-    r.add_argument("--png", help="folder for PNG images of every slice")
-    r.add_argument("--cs-lambda", type=float, default=1e-3, help="L1-wavelet weight for CS")
+    r.add_argument(
+        "--out",
+        help="output folder (default runs/recon-<time>/); a path ending in .h5 names the image "
+        "file (the report is next to it, .json)",
+    )
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--prospective",
+        action="store_true",
+        help="the file is undersampled at acquisition (default: detected from its zero lines)",
+    )
+    mode.add_argument(
+        "--retrospective",
+        action="store_true",
+        help="the file is fully sampled: undersample it with --mask or the data.* mask keys",
+    )
+    r.add_argument(
+        "--mask",
+        metavar="FILE.npy|.h5",
+        help="sampling mask [W], [H, W] or [slices, H, W] (h5: dataset 'mask'), phase encode "
+        "along W; instead of the data.* mask keys or the file's zero lines",
+    )
+    r.add_argument("--png", help="folder for PNG previews (default <out>/png)")
+    r.add_argument("--no-nifti", action="store_true", help="skip the NIfTI output")
+    r.add_argument("--cache-dir", help="coil-map cache (default <out>/cache)")
+    r.add_argument(
+        "--cs-lambda",
+        type=float,
+        default=CS_LAMBDA,
+        help=f"CS L1 weight relative to max |W A^H y| (default {CS_LAMBDA:g})",
+    )
+    r.add_argument("--cs-iters", type=int, default=100, help="CS iterations (default 100)")
     r.add_argument("--num-unrolls", type=int, help="early-exit inference with N_inf unrolls")
     _add_config_args(r)
     r.set_defaults(func=_guard(cmd_recon))

@@ -18,10 +18,12 @@ Per slice, following Levac et al. 2023, Sec. 3.1:
    lines the masks keep (the nominal ACS lines of generated masks; for a given or acquired mask
    the central fully sampled block common to every slice of a file,
    :func:`~recon.physics.masks.acs_box_width`), never a fully sampled 24x24 centre the scanner
-   did not acquire. SigPy's ESPIRiT needs at least
-   :data:`~recon.physics.masks.MIN_CALIB_LINES` (4) lines: with fewer (32 px at 8% ACS keeps
-   3) the box is widened to 4 lines of the fully sampled data (retrospective only, and only for
-   tiny matrices: at 8% ACS, ``W < 44``). The maps are cached per calibration width
+   did not acquire. Below :data:`~recon.physics.masks.MIN_CALIB_LINES` (8) lines SigPy's
+   ESPIRiT (square box) gives unusable maps on small matrices, so retrospectively the box is
+   widened to the central 8 lines of the fully sampled data: at 8% ACS that is every matrix
+   with ``W < 94`` (the synthetic sites: 4-6 ACS lines), while fastMRI's 320-368 lines keep
+   26-29 acquired ACS lines. Prospective data calibrate from the acquired lines only (at least
+   4, with a warning under 8). The maps are cached per calibration width
    (:mod:`recon.data.prepare`), computed if absent.
 
 Prospective data (``prospective=True``, k-space undersampled at acquisition with exact zeros on
@@ -51,6 +53,7 @@ from recon.data.prepare import crop_kspace, load_or_compute_maps
 from recon.data.sample import Sample
 from recon.physics.coils import np_ifft2c, np_rss
 from recon.physics.masks import (
+    ESPIRIT_MIN_LINES,
     MIN_CALIB_LINES,
     SamplingSummary,
     acs_box_width,
@@ -372,10 +375,12 @@ class SiteDataset(Dataset[Sample]):
         )
         if acs == 0:
             raise DataError(name, "mask", "no fully sampled centre line to calibrate coil maps")
-        if self._calib_arg is None:
-            width = calibration_width(masks.shape, acs, self.min_calib)
-        else:
+        if self._calib_arg is not None:
             width = min(int(self._calib_arg), *masks.shape[-2:])
+        elif self.prospective:  # only what was acquired (widening would add unacquired lines)
+            width = calibration_width(masks.shape, acs, min(self.min_calib, ESPIRIT_MIN_LINES))
+        else:
+            width = calibration_width(masks.shape, acs, self.min_calib)
         # The calibration box holds only ACS lines (width <= acs): the same k-space a scanner
         # has there, so the maps are a function of (file, width) and the cache key says which.
         # Retrospectively the periphery that sets ESPIRiT's noise threshold is fully sampled.
@@ -383,10 +388,11 @@ class SiteDataset(Dataset[Sample]):
         source = "acquired ACS"
         if width > acs and not self.prospective:
             source = "fully sampled centre" + (" (floor)" if self._calib_arg is None else "")
-        elif width > acs:
+        elif self.prospective and acs < self.min_calib:
             warnings.warn(
-                f"{name}: only {acs} ACS lines acquired; calibrating coil maps from the "
-                f"central {width} lines, {width - acs} of them not fully acquired",
+                f"{name}: only {acs} ACS lines acquired (coil maps from fewer than "
+                f"{self.min_calib} lines are often poor); calibrating from the central {width}"
+                + (f", {width - acs} of them not fully acquired" if width > acs else ""),
                 stacklevel=3,
             )
         maps, _ = load_or_compute_maps(
