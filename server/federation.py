@@ -64,10 +64,11 @@ class Replies:
     which ``late`` are those cut off by the grace period (the others hit the timeout or could
     not be pushed); ``grace`` the grace period applied, in seconds (None: all replies came
     before it started, or no grace was asked); ``stale`` the replies ignored as answering no
-    message of this exchange.
+    message of this exchange; ``reply_seconds`` node -> seconds from the push to its reply.
     """
 
     pairs: list[tuple[Message, int]] = field(default_factory=list)
+    reply_seconds: dict[int, float] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
     late: list[int] = field(default_factory=list)
     grace: float | None = None
@@ -138,6 +139,7 @@ def collect(
                 continue
             pending.discard(rid)
             out.pairs.append((reply, sent[rid]))
+            out.reply_seconds[sent[rid]] = now - t0
             if not reply.has_error():
                 ok_seconds.append(now - t0)
         if t_needed is None and len(ok_seconds) >= need:
