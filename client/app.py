@@ -2,7 +2,9 @@
 
 Only model arrays, Scaffold's Delta c_k and scalar metrics leave the site (records named in
 :mod:`strategies.protocol`); k-space, images and coil maps never enter a reply. A site whose data
-are bad replies with an error naming the file and field; the federation goes on without it.
+are bad replies with the kind of failure only (``data``, ``config``, ``device``, ``internal``:
+:mod:`strategies.protocol`); the file and field go to the site's own log, and the federation
+goes on without it.
 
 Train message -> reply (Levac et al. 2023 Sec. 3.3, Algorithm 1):
 
