@@ -32,6 +32,7 @@ from recon.runtime import tune_malloc
 from recon.train.baselines import initial_model as baseline_start
 from server import checkpoint, results
 from server import nas as nas_phase
+from server.events import RunEvents
 from server.federation import Federation, Progress, robust_options
 from server.personalize import TrainingGrid, personalization_phase
 from strategies.flower import build_strategy
@@ -126,12 +127,14 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     ref = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     progress, run_uid = _start(cfg, run_dir, strategy, ref)
     prior_seconds = progress.elapsed_seconds
+    events = RunEvents(run_dir)  # <run dir>/events.jsonl, read by `fedunroll dashboard`
+    events.run_started(run_dir.name, cfg.flat(), progress.round, cfg.federation.num_server_rounds)
     # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
     # the grid without them; they only personalize at the end (server/personalize.py).
     training_grid = TrainingGrid(grid, cfg, strategy.sites) if cfg.data.unseen_sites else None
     extra_config = nas_phase.genotype_config(genotype)
     fed = Federation(
-        training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config
+        training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config, events
     )
     personalization: dict[str, Any] = {}
     final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
@@ -169,6 +172,9 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     )
     path = results.write(run_dir, out)
     log(INFO, "wrote %s (%s)", path, status)
+    events.run_finished(
+        progress.round, status, out["timings"]["total_seconds"], final, strategy.rejected
+    )
     if error is not None:
         raise error
     return out

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 
 from recon.config import RunConfig
 from server import checkpoint
+from server.events import RunEvents
 from server.results import eval_entry, metric_triplet, train_entry
 from strategies.flower import NotEnoughReplies, SiteNames
 from strategies.protocol import (
@@ -263,8 +264,10 @@ class Federation:
         run_uid: str,
         after_round: Callable[[dict[str, Any]], None] | None = None,
         extra_config: dict[str, Any] | None = None,
+        events: RunEvents | None = None,
     ) -> None:
         self.grid = grid
+        self.events = events or RunEvents(None)  # run events (server.events); none by default
         self.extra_config = dict(extra_config or {})  # added to every message's config
         self.strategy = strategy
         self.cfg = cfg
@@ -313,7 +316,8 @@ class Federation:
         r = progress.round + 1
         fed = self.cfg.federation
         t0 = time.perf_counter()
-        wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
+        nodes = wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
+        self.events.round_started(r, nodes, self._site)
         train_msgs = list(
             self.strategy.configure_train(r, progress.arrays, self._config(), self.grid)
         )
@@ -331,6 +335,7 @@ class Federation:
         if new_arrays is not None:
             progress.arrays = new_arrays
         train_sites = self.strategy.train_site_metrics.get(self.strategy.round, {})
+        self.events.replies(r, "train", train_sites, self.strategy.rejected, pairs, self._site)
 
         eval_sites: dict[str, dict[str, Any]] = {}
         if fed.fraction_evaluate > 0:
@@ -347,6 +352,9 @@ class Federation:
                 self.strategy.reject(r, self._site(node), reason, "evaluate")
             self.strategy.aggregate_evaluate(r, eval_replies)
             eval_sites = self.strategy.evaluate_site_metrics.get(self.strategy.round, {})
+            self.events.replies(
+                r, "evaluate", eval_sites, self.strategy.rejected, eval_pairs, self._site
+            )
 
         rejected = [
             {
@@ -435,7 +443,9 @@ class Federation:
             self.wait_for_expected_sites()
         while progress.round < total:
             record = self.run_round(progress)
+            self.events.round_finished(record)
             self.checkpoint(progress, started)
+            self.events.checkpoint_written(progress.round)
             log(
                 INFO,
                 "round %d/%d done in %.1f s: %d sites trained, %d rejected",
