@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "fedunroll.jobs",  # train, recon, personalize
     "fedunroll.federation",  # simulate, report
     "fedunroll.overrides",  # config
+    "fedunroll.dashboard",  # dashboard
 ]
 
 

@@ -32,6 +32,14 @@ def _add_simulate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its checkpoint")
     p.add_argument("--num-sites", type=int, help="number of sites (simulated SuperNodes)")
     p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
+    p.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=8050,
+        type=int,
+        metavar="PORT",
+        help="serve the live dashboard of the run on 127.0.0.1 (default port 8050) while it runs",
+    )
     p.set_defaults(func=cmd_simulate)
 
 
@@ -96,7 +104,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg = build_config(overrides, out=args.out, num_sites=args.num_sites)
         cfg = pin_run_dir(cfg)
         ensure_sites(cfg)
-        run_dir = run_simulation(cfg, quiet=args.quiet)
+        with _dashboard(args, cfg):
+            run_dir = run_simulation(cfg, quiet=args.quiet)
     except (ConfigError, ValidationError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"fedunroll simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -126,6 +135,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     add_baselines(run_dir, cfg, data)
     print(summary(data, run_dir))
     return 0
+
+
+def _dashboard(args: argparse.Namespace, cfg: Any) -> Any:
+    """``--dashboard``: the run's dashboard beside it (fedunroll.dashboard.beside_run)."""
+    import contextlib
+
+    if getattr(args, "dashboard", None) is None:
+        return contextlib.nullcontext()
+    from fedunroll.dashboard import beside_run
+    from server.app import run_dir_of
+
+    return beside_run(run_dir_of(cfg), args.dashboard)
 
 
 def _run_dir_hint(cfg: Any) -> str:
