@@ -78,6 +78,15 @@ def _marked(mark: str) -> dict[int, str]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's zombie waits for an init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def _cli(args: list[str], mark: str) -> subprocess.Popen[str]:
     env = {**os.environ, **FLWR_ENV, MARK: mark}
     return subprocess.Popen(
@@ -125,7 +134,7 @@ def test_sigkill_of_simulate_leaves_no_process(root: Path, tmp_path: Path) -> No
         time.sleep(0.1)
     gone_after = time.monotonic() - killed_at
     assert not left, f"alive {gone_after:.1f} s after SIGKILL: {sorted(left.values())}"
-    assert not any(p.exists() for p in (Path(f"/proc/{pid}") for pid in started))  # no PID reuse
+    assert not [pid for pid in started if _running(pid)]  # by PID too, not only by marker
     done = _round(run_dir)
     time.sleep(3)
     assert _round(run_dir) == done  # nobody writes into the killed run any more
