@@ -12,7 +12,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
 COMPOSE := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: install run test lint format bench clean docker compose
+.PHONY: install run test lint format bench clean docker compose browser-deps
 
 install: $(STAMP)
 
@@ -37,7 +37,19 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint
+# Headless Chromium + chromedriver (Debian's packages) for the browser tests of the dashboard;
+# installed only where missing. Without apt-get (or root/sudo) it says so and those tests skip.
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "browser-deps: no apt-get here: install chromium and chromedriver for the browser tests"; \
+	else \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: install lint browser-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

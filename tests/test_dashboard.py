@@ -463,6 +463,18 @@ def test_simulate_dashboard_serves_while_the_run_lasts(runs, capsys) -> None:
         httpx.get(url, timeout=2)  # stopped with the block
 
 
+def test_compose_dashboard_is_read_only_on_loopback_with_a_token() -> None:
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.yml").read_text())
+    svc = compose["services"]["dashboard"]
+    assert svc["profiles"] == ["dashboard"]  # not started by a plain `docker compose up`
+    assert svc["volumes"] == ["results:/results:ro"]
+    assert svc["ports"][0].startswith("${DASHBOARD_BIND:-127.0.0.1}:")
+    assert svc["command"][:3] == ["fedunroll", "dashboard", "/results"]
+    assert svc["environment"]["FEDUNROLL_DASHBOARD_TOKEN"] == "${DASHBOARD_TOKEN:-auto}"
+
+
 # --- the site's own view ----------------------------------------------------------------------
 def test_site_viewer_renders_pngs_on_the_site(root, tmp_path) -> None:
     from fedunroll.dashboard.site import SiteViewer
