@@ -31,6 +31,9 @@ from strategies.protocol import (
     ERROR_DATA,
     ERROR_DEVICE,
     ERROR_INTERNAL,
+    ReplyError,
+    check_site_name,
+    error_reason,
     get_int,
 )
 
@@ -109,7 +112,12 @@ def error_reply(msg: Message, site: str, exc: BaseException) -> Message:
         kind,
         traceback.format_exc(),
     )
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=kind), reply_to=msg)
+    try:  # the site's name, if it is one (a site failing from its first message is still named)
+        name: str | None = check_site_name(site)
+    except ReplyError:
+        name = None
+    reason = error_reason(kind, name)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def setup(context: Context) -> tuple[RunConfig, Site]:

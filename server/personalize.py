@@ -55,9 +55,9 @@ from strategies.protocol import (
     ReplyError,
     bounded,
     check_content,
-    error_kind,
     get_float,
     get_int,
+    parse_error,
     site_claim,
 )
 
@@ -107,7 +107,9 @@ class TrainingGrid(Grid):
     def _read(self, reply: Message, node: int) -> tuple[str, str | None]:
         """(the node's site, why the query reply is refused or None)."""
         if reply.has_error():
-            return self.sites.name(node), f"client error: {error_kind(reply.error.code, '')}"
+            kind, claim = parse_error(reply.error.code, reply.error.reason)
+            site, why = self.sites.resolve(node, claim) if claim else (self.sites.name(node), None)
+            return site, why or f"client error: {kind}"
         try:
             claim = site_claim(reply.content)
             site, why = self.sites.resolve(node, claim)
@@ -241,7 +243,9 @@ def personalization_phase(
         seen = not unseen.get(node, False)
         site = known.name(node)
         if reply.has_error():
-            reason = f"client error: {error_kind(reply.error.code, reply.error.reason)}"
+            kind, claim = parse_error(reply.error.code, reply.error.reason)
+            site, why = known.resolve(node, claim) if claim else (site, None)
+            reason = why or f"client error: {kind}"
             log(WARNING, "personalization: %s failed: %s", site, reason)
             out[site] = {"seen": seen, "error": reason}
             continue

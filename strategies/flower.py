@@ -64,7 +64,7 @@ from strategies.protocol import (
     ReplySchema,
     bounded,
     check_content,
-    error_kind,
+    parse_error,
     site_claim,
     to_numpy,
     to_record,
@@ -450,9 +450,12 @@ class _Base(_FlowerFedAvg):
     def identify_one(self, msg: Message, node: int, round_: int, phase: str) -> str | None:
         """The site of ``node``'s reply ``msg``, or None after rejecting it (see
         :meth:`identify`)."""
-        if msg.has_error():
-            kind = error_kind(msg.error.code, msg.error.reason)
-            self.reject(round_, self.sites.name(node), f"client error: {kind}", phase)
+        if msg.has_error():  # named by the claim in its reason, bound as any first claim
+            kind, claim = parse_error(msg.error.code, msg.error.reason)
+            site, problem = (
+                self.sites.resolve(node, claim) if claim else (self.sites.name(node), None)
+            )
+            self.reject(round_, site, problem or f"client error: {kind}", phase)
             return None
         if not msg.has_content():
             self.reject(round_, self.sites.name(node), "empty reply", phase)

@@ -394,13 +394,37 @@ def _names(keys: Iterable[str], declared: Iterable[str], what: str) -> str:
     return ", ".join(parts)
 
 
-def error_kind(code: int, reason: object) -> str:
-    """The kind of failure of an error reply: a Flower infrastructure error's name (by code),
-    else the reply's reason if it is one of :data:`ERROR_KINDS`, else ``unrecognised``. Never
-    the reason's text otherwise (it may carry a site's file names)."""
+def error_reason(kind: str, site: str | None = None) -> str:
+    """The reason a site's error reply carries: the kind of failure (:data:`ERROR_KINDS`) and,
+    when it knows it, the site's name (``"data site=site1"``), so that a site failing from its
+    first message is still named; nothing else of the failure leaves the site."""
+    return kind if site is None else f"{kind} site={site}"
+
+
+def parse_error(code: int, reason: object) -> tuple[str, str | None]:
+    """(kind, claimed site name or None) of an error reply (see :func:`error_reason`).
+
+    The kind is a Flower infrastructure error's name (by code), else the reason's kind if it is
+    one of :data:`ERROR_KINDS`, else ``unrecognised``; the claim is kept only if it is a valid
+    site name. Never the reason's text otherwise (it may carry a site's file names).
+    """
     if code in _FLOWER_ERRORS:
-        return _FLOWER_ERRORS[code]
-    return reason if isinstance(reason, str) and reason in ERROR_KINDS else UNRECOGNISED
+        return _FLOWER_ERRORS[code], None
+    if not isinstance(reason, str):
+        return UNRECOGNISED, None
+    kind, _, rest = reason.partition(" site=")
+    claim: str | None = None
+    if rest:
+        try:
+            claim = check_site_name(rest)
+        except ReplyError:
+            claim = None
+    return (kind if kind in ERROR_KINDS else UNRECOGNISED), claim
+
+
+def error_kind(code: int, reason: object) -> str:
+    """The kind of failure of an error reply (:func:`parse_error` without the claim)."""
+    return parse_error(code, reason)[0]
 
 
 def check_site_name(name: object) -> str:

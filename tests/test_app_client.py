@@ -148,6 +148,13 @@ def test_deployment_node_config_names_the_site(setup) -> None:
     assert reply.content.config_records["config"][SITE_ID] == "hospital-c"
 
 
+def _kind(reply) -> str:  # noqa: ANN001
+    """The kind of failure an error reply says (its reason may also name the site)."""
+    from strategies.protocol import error_kind
+
+    return error_kind(reply.error.code, reply.error.reason)
+
+
 def test_bad_site_fails_its_reply_with_file_and_field(setup, tmp_path, caplog) -> None:
     """The file and field go to the site's own log; the reply says only the kind of failure
     (file names may carry patient identifiers and never leave the hospital)."""
@@ -157,17 +164,17 @@ def test_bad_site_fails_its_reply_with_file_and_field(setup, tmp_path, caplog) -
     (bad / "train").mkdir(parents=True)
     (bad / "train" / "broken.h5").write_bytes(b"not an h5 file")
     reply, _ = _train(flat, arrays, node_config={"data-path": str(bad)})
-    assert reply.has_error() and reply.error.reason == ERROR_DATA
+    assert reply.has_error() and _kind(reply) == ERROR_DATA
     assert "broken.h5" in caplog.text and "field" in caplog.text
 
     caplog.clear()
     missing, _ = _train(flat, arrays, node_config={"data-path": str(tmp_path / "nowhere")})
-    assert missing.has_error() and missing.error.reason == ERROR_DATA
+    assert missing.has_error() and _kind(missing) == ERROR_DATA
     assert "data-path" in caplog.text and "nowhere" not in missing.error.reason
 
     caplog.clear()
     no_site, _ = _train(flat, arrays, node_config={})
-    assert no_site.has_error() and no_site.error.reason == ERROR_CONFIG
+    assert no_site.has_error() and _kind(no_site) == ERROR_CONFIG
     assert "partition-id" in caplog.text
 
 
@@ -176,7 +183,7 @@ def test_wrong_architecture_fails_the_reply(setup, caplog) -> None:
     wrong = {k: v for k, v in arrays.items()}
     wrong.pop(next(iter(wrong)))
     reply, _ = _train(flat, wrong)
-    assert reply.has_error() and reply.error.reason in ERROR_KINDS
+    assert reply.has_error() and _kind(reply) in ERROR_KINDS
     assert "state_dict" in caplog.text
 
 
@@ -263,5 +270,5 @@ def test_gleam_devices_node_config_spreads_modules_with_the_same_update(setup, c
         np.testing.assert_allclose(y2[k], y1[k], rtol=0, atol=1e-6, err_msg=k)
     if not torch.cuda.is_available():
         bad, _ = _train(flat, arrays, node_config={**node, "gleam-devices": "cpu,cuda:1"})
-        assert bad.has_error() and bad.error.reason == ERROR_DEVICE
+        assert bad.has_error() and _kind(bad) == ERROR_DEVICE
         assert "cuda:1" in caplog.text

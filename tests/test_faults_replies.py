@@ -401,5 +401,19 @@ def test_an_error_reply_never_carries_a_file_name(tmp_path, caplog) -> None:
         raise FileNotFoundError(f"/data/{MARKER}/patient-123.h5")
     except FileNotFoundError as exc:
         reply = error_reply(msg, "a", exc)
-    assert reply.error.reason == "internal" and MARKER in caplog.text
+    from strategies.protocol import parse_error
+
+    assert reply.error.reason == "internal site=a" and MARKER in caplog.text
+    assert parse_error(reply.error.code, reply.error.reason) == ("internal", "a")
     assert isinstance(reply.error, Error)
+
+
+def test_error_reply_names_its_site_and_nothing_else() -> None:
+    """A site failing from its first message is named by the claim in its error reason (bound
+    as any first claim); a reason with anything else keeps only the kind."""
+    from strategies.protocol import error_reason, parse_error
+
+    assert parse_error(0, error_reason("data", "site1")) == ("data", "site1")
+    assert parse_error(0, "data") == ("data", None)
+    assert parse_error(0, "data site=/hospital/patient_0042.h5") == ("data", None)
+    assert parse_error(0, "Traceback ... patient_0042.h5") == ("unrecognised", None)

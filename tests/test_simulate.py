@@ -210,4 +210,4 @@ def test_failed_run_exits_with_the_reason_and_leaves_no_process(sites, tmp_path)
     _assert_no_leftovers(mark)
     status = read(tmp_path / "broken")["status"]
     assert status.startswith("failed: NotEnoughReplies") and "site1" in status, status
-    assert "field" in status  # the bad file and field are named
+    assert "client error: data" in status  # the kind; file and field stay in the site log
