@@ -42,7 +42,7 @@ app = ServerApp()
 tune_malloc()  # the ServerApp process evaluates and aggregates
 
 # Keys a resumed run may change (where to write, how long to wait, how many rounds in total).
-RESUMABLE_CHANGES = ("num-server-rounds", "round-timeout", "node-wait-timeout")
+RESUMABLE_CHANGES = ("num-server-rounds", "round-timeout", "round-grace", "node-wait-timeout")
 
 
 def strategy_from_config(cfg: RunConfig) -> Any:
