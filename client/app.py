@@ -57,11 +57,13 @@ from strategies import maths
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    EVAL_GLOBAL,
     EVAL_SPLIT,
     FAIR_LOCAL_LOSS,
     FAIR_REPORT,
     FAIR_RISK_GAP,
     FEDPROX_MU,
+    GLOBAL_PREFIX,
     METRICS,
     NAS_ALPHA,
     NUM_EXAMPLES,
@@ -139,6 +141,8 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
     metrics: dict[str, Any] = {}
 
     model = nas.received_model(cfg, msg, site.device)
+    if config.get(EVAL_GLOBAL):  # eval-mode piggyback: the received global model, on val
+        metrics.update(_evaluate_global(model, site, cfg))
     if fair:  # G_c of the received model (GAutoMRI Eq. 9)
         metrics[FAIR_RISK_GAP] = nas.global_risk_gap(rnd.state, rnd.run_uid, model, data, cfg)
     if cfg.ema.enabled:
@@ -164,6 +168,15 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
     if token is not None:  # the server's acknowledgement names c_k^+ by it
         reply.content.config_records[CONFIG][SCAFFOLD_TOKEN] = token
     return reply
+
+
+def _evaluate_global(model: Unrolled, site: Site, cfg: RunConfig) -> dict[str, Any]:
+    """The received global model's metrics on the site's validation slices, under the train
+    reply's ``global-*`` keys: what a separate evaluate message of the previous round would
+    have reported, without shipping the model a second time."""
+    val = load_split(site, cfg, "val")
+    result = evaluate(model, val, site.device).as_dict(GLOBAL_PREFIX)
+    return {**result, GLOBAL_PREFIX + NUM_EXAMPLES: len(val)}
 
 
 def _start_from_ema(model: Unrolled, rnd: _Round, cfg: RunConfig) -> None:

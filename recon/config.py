@@ -100,6 +100,10 @@ class FederationConfig(_Section):
     min_available_clients: int = _k(2, "sites connected before the first round", ge=1)
     fraction_fit: float = _k(1.0, "fraction of the sites sampled to train each round", gt=0, le=1)
     fraction_evaluate: float = _k(1.0, "fraction of the sites sampled to evaluate", gt=0, le=1)
+    eval_mode: Literal["piggyback", "separate"] = _k(
+        "piggyback",
+        "piggyback (evaluate the received model in the next train exchange) | separate",
+    )
     round_timeout: float = _k(900.0, "seconds the server waits for a round's replies", gt=0)
     round_grace: float = _k(
         2.0,

@@ -36,8 +36,11 @@ from strategies.flower import NotEnoughReplies, SiteNames
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
+    EVAL_GLOBAL,
     EVAL_SPLIT,
     FINAL_SCHEMA,
+    GLOBAL_METRIC_KEYS,
+    GLOBAL_PREFIX,
     RUN_DONE,
     RUN_UID,
     ReplyError,
@@ -318,8 +321,15 @@ class Federation:
         t0 = time.perf_counter()
         nodes = wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
         self.events.round_started(r, nodes, self._site)
+        piggyback = fed.eval_mode == "piggyback" and self._can_piggyback()
+        # piggyback: the sites evaluate the global model of round r - 1 (what they receive) on
+        # their validation slices before training; that round's record is still waiting for it
+        pending = piggyback and bool(progress.rounds) and not progress.rounds[-1]["eval"]
+        train_config = self._config()
+        if pending:
+            train_config[EVAL_GLOBAL] = True
         train_msgs = list(
-            self.strategy.configure_train(r, progress.arrays, self._config(), self.grid)
+            self.strategy.configure_train(r, progress.arrays, train_config, self.grid)
         )
         sent = payload_bytes(train_msgs)
         pairs, missing = self._exchange(train_msgs)
@@ -336,9 +346,12 @@ class Federation:
             progress.arrays = new_arrays
         train_sites = self.strategy.train_site_metrics.get(self.strategy.round, {})
         self.events.replies(r, "train", train_sites, self.strategy.rejected, pairs, self._site)
+        if pending:
+            self._previous_evaluation(progress.rounds[-1], train_sites)
 
         eval_sites: dict[str, dict[str, Any]] = {}
-        if fed.fraction_evaluate > 0:
+        # separate: every round; piggyback: the last round only (no later train message)
+        if not piggyback or r >= fed.num_server_rounds:
             wait_for_nodes(self.grid, self._needed(), fed.node_wait_timeout)
             eval_msgs = list(
                 self.strategy.configure_evaluate(r, progress.arrays, self._config("val"), self.grid)
@@ -375,6 +388,29 @@ class Federation:
         progress.round = r
         progress.rounds.append(record)
         return record
+
+    def _can_piggyback(self) -> bool:
+        """Whether the strategy's train replies may carry the global model's metrics (the
+        search phase's may not: its evaluation needs the architecture weights)."""
+        schema = getattr(self.strategy, "train_schema", None)
+        return schema is not None and set(GLOBAL_METRIC_KEYS) <= set(schema.metrics)
+
+    def _previous_evaluation(
+        self, record: dict[str, Any], train_sites: dict[str, dict[str, Any]]
+    ) -> None:
+        """Fill the previous round's ``eval`` from this round's train replies (their
+        ``global-*`` metrics: the global model they received, on their validation slices).
+
+        A reply without them (a site that skipped the evaluation) leaves its site out, as a
+        missing evaluate reply would."""
+        evals: dict[str, dict[str, Any]] = {}
+        for site, metrics in train_sites.items():
+            if all(k in metrics for k in GLOBAL_METRIC_KEYS):
+                n = len(GLOBAL_PREFIX)
+                evals[site] = {k[n:]: metrics[k] for k in GLOBAL_METRIC_KEYS}
+        record["eval"] = {s: eval_entry(m) for s, m in sorted(evals.items())}
+        self.strategy.evaluate_site_metrics[record["round"]] = evals
+        self.events.replies(record["round"], "evaluate", evals, self.strategy.rejected)
 
     def checkpoint(self, progress: Progress, started: float) -> None:
         """Write ``checkpoint.pt`` for ``progress`` (atomic)."""

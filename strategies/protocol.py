@@ -74,6 +74,9 @@ SCAFFOLD_OPTIONS = ("i", "ii")
 # Config entries of the round loop.
 RUN_UID = "run.uid"  # identifies a run across resumes (site state files are keyed by it)
 EVAL_SPLIT = "eval.split"  # "val" every round, "test" for the final evaluation
+# On a train message (eval-mode piggyback): evaluate the received global model on the site's
+# validation slices before training, reported as the GLOBAL_METRIC_KEYS of the train reply.
+EVAL_GLOBAL = "eval.global"
 RUN_DONE = "run.done"  # on the final evaluation: sites may delete this run's client state
 # The derived genotype (JSON) sent with every message of a training phase with a searched
 # denoiser, so that sites build the same network (GAutoMRI Algorithm 2).
@@ -288,6 +291,10 @@ _FLOWER_ERRORS = {
 # Metric keys each phase's replies may carry (what client/app.py, client/nas.py and
 # client/personalize.py send).
 _ZF_KEYS = tuple(f"zf-{k}" for k in METRIC_KEYS)
+# The received global model's metrics on the site's validation slices (eval-mode piggyback):
+# the previous round's evaluation, carried by this round's train reply.
+GLOBAL_PREFIX = "global-"
+GLOBAL_METRIC_KEYS = tuple(GLOBAL_PREFIX + k for k in (*METRIC_KEYS, NUM_EXAMPLES))
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES,
     "train-loss",
@@ -298,6 +305,7 @@ TRAIN_METRIC_KEYS = (
     *METRIC_KEYS,  # of y_k on the site's validation slices
     FAIR_RISK_GAP,
     FAIR_LOCAL_LOSS,
+    *GLOBAL_METRIC_KEYS,
 )
 SEARCH_METRIC_KEYS = (
     NUM_EXAMPLES,

@@ -26,6 +26,9 @@ TINY: dict[str, Any] = {
     "model.cg-iters": 2,
     "model.unet-chans": 8,
     "run.local-only": False,
+    # an evaluate exchange every round, as the robustness tests count its replies
+    # (tests/test_eval_piggyback.py runs the default piggyback mode)
+    "eval-mode": "separate",
     # what tiny_sites() generates (simulate refuses synthetic sites made for another layout)
     "data.synth-slices": 20,
     "data.synth-size": 32,
