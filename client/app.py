@@ -35,7 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import nas
+from client import nas, privacy
 from client.control import (
     ScaffoldRound,
     accepted_tokens,
@@ -53,6 +53,7 @@ from recon.models import Unrolled
 from recon.runtime import tune_malloc
 from recon.train import TrainHooks, TrainResult, evaluate
 from recon.train.methods import local_train
+from recon.train.privacy import DPSGD
 from strategies import maths
 from strategies.protocol import (
     ARRAYS,
@@ -153,7 +154,8 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
         regularizer=_proximal(x, get_float(config, FEDPROX_MU, 0.0)),
         after_backward=scaffold.after_backward if scaffold is not None else None,
     )
-    result = _local_train(cfg, site, model, data, seed, hooks)
+    dp, dp_metrics = privacy.dp_round(cfg, len(data), server_round)  # README "Privacy"
+    result = _local_train(cfg, site, model, data, seed, hooks, dp)
     extra: dict[str, ArrayRecord] = {}
     token = None
     if scaffold is not None:
@@ -161,7 +163,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
     if fair:  # this round's local loss: next round's reference
         metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(rnd.state, rnd.run_uid, model, data, cfg)
 
-    metrics.update(_train_metrics(result, len(data)))
+    metrics.update(_train_metrics(result, len(data)), **dp_metrics)
     metrics.update(evaluate(model, load_split(site, cfg, "val"), site.device).as_dict())
     metrics.update({"train-seconds": result.seconds, "seconds": time.perf_counter() - t0})
     reply = _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)
@@ -242,13 +244,20 @@ def _end_scaffold(
 
 
 def _local_train(
-    cfg: RunConfig, site: Site, model: Unrolled, data: Slices, seed: int, hooks: TrainHooks
+    cfg: RunConfig,
+    site: Site,
+    model: Unrolled,
+    data: Slices,
+    seed: int,
+    hooks: TrainHooks,
+    dp: DPSGD | None = None,
 ) -> TrainResult:
-    """``train.local-steps`` steps of ``train.method`` with this round's seed."""
+    """``train.local-steps`` steps of ``train.method`` with this round's seed (DP-SGD with
+    ``dp``)."""
     train_cfg = cfg.train.model_copy(update={"steps": cfg.local_steps, "seed": seed})
     options = cfg.method_options(site.gleam_devices)  # P-GLEAM over the site's GPUs, if set
     return local_train(
-        cfg.train.method, model, data, train_cfg, site.device, hooks, False, **options
+        cfg.train.method, model, data, train_cfg, site.device, hooks, False, dp, **options
     )
 
 

@@ -40,6 +40,7 @@ from recon.models import ModelConfig
 from recon.runtime import resolve_device
 from recon.train import TrainConfig
 from recon.train.methods import check_method, method_options
+from recon.train.privacy import refusal as privacy_refusal
 
 STRATEGY_NAMES = (
     "fedavg",
@@ -330,6 +331,46 @@ class RobustSection(_Section):
         return value
 
 
+class DpSection(_Section):
+    """Differential privacy (README "Privacy"): slice-level DP-SGD at each site
+    (:mod:`recon.train.privacy`, Opacus's accountant) and optional site-level clipping and
+    noise of the aggregate at the server (:mod:`strategies.privacy`)."""
+
+    enabled: bool = _k(False, "slice-level DP-SGD at every site (e2e / checkpoint only)")
+    clip: float = _k(1.0, "DP-SGD: L2 bound C of each slice's gradient", gt=0)
+    noise_multiplier: float = _k(
+        1.0, "DP-SGD: Gaussian noise std / dp.clip on each step's summed gradient", ge=0
+    )
+    delta: float = _k(1e-5, "delta of the (epsilon, delta) reported, per site", gt=0, lt=1)
+    epsilon_budget: float = _k(
+        0.0, "stop before the round that would take a site past this epsilon (0 = none)", ge=0
+    )
+    accountant: Literal["rdp", "prv"] = _k("rdp", "Opacus accountant: rdp | prv")
+    site_clip: float = _k(
+        0.0, "server: clip each site's update y_k - x to this L2 norm (0 = off)", ge=0
+    )
+    site_noise_multiplier: float = _k(
+        0.0, "server: Gaussian noise std / dp.site-clip on the sum of clipped updates", ge=0
+    )
+
+
+class SecAggSection(_Section):
+    """Secure aggregation (README "Privacy"): evaluated, not available (see README)."""
+
+    enabled: bool = _k(False, "Flower SecAgg+ (refused: does not fit this round loop)")
+
+    @field_validator("enabled")
+    @classmethod
+    def _unavailable(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "secure aggregation is not available: Flower 1.41's SecAgg+ workflow needs the "
+                "legacy Strategy/LegacyContext and FitRes records and hides the per-site replies "
+                "the server validates (README 'Privacy', 'Secure aggregation')"
+            )
+        return value
+
+
 class SimSection(_Section):
     """Flower simulation resources (``fedunroll simulate``; ignored in deployment)."""
 
@@ -354,6 +395,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "ema": EmaSection,
     "nas": NasSection,
     "robust": RobustSection,
+    "dp": DpSection,
+    "secagg": SecAggSection,
 }
 
 
@@ -382,6 +425,8 @@ class RunConfig(BaseModel):
     ema: EmaSection = EmaSection()
     nas: NasSection = NasSection()
     robust: RobustSection = RobustSection()
+    dp: DpSection = DpSection()
+    secagg: SecAggSection = SecAggSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -399,6 +444,7 @@ class RunConfig(BaseModel):
             )
         self._check_method()
         self._check_robust()
+        self._check_privacy()
         if fed.min_fit_clients > self.data.num_sites:
             raise ValueError(
                 f"min-fit-clients ({fed.min_fit_clients}) exceeds data.num-sites "
@@ -443,6 +489,57 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"robust.aggregator = 'multi-krum' needs min-fit-clients > 2 * robust.byzantine "
                 f"+ 2 = {2 * f + 2} (Krum's n > 2f + 2), got min-fit-clients = {fit}"
+            )
+
+    def _check_privacy(self) -> None:
+        """Refuse DP settings whose accounting would not hold (README "Privacy")."""
+        dp, name = self.dp, self.strategy.name
+        if dp.enabled:
+            why = privacy_refusal(self.train.method)
+            if why is not None:
+                raise ValueError(why)
+            if self.train.grad_clip is not None:
+                raise ValueError("train.grad-clip does not combine with dp.enabled (dp.clip clips)")
+            if dp.noise_multiplier <= 0:
+                raise ValueError(
+                    "dp.enabled with dp.noise-multiplier = 0 clips but adds no noise: epsilon is "
+                    "infinite; set dp.noise-multiplier > 0 (or dp.enabled = false)"
+                )
+            if name == "scaffold" and self.scaffold.option == "i":
+                raise ValueError(
+                    'dp.enabled with scaffold.option = "i": c_k^+ is a gradient of the site\'s '
+                    'slices without clipping or noise; use scaffold.option = "ii"'
+                )
+            if name == "fairfedavg":
+                raise ValueError(
+                    "dp.enabled with strategy.name = 'fairfedavg': its risk gaps are losses on "
+                    "the training slices outside DP-SGD's accounting"
+                )
+            if self.nas.search_rounds:
+                raise ValueError("dp.enabled with nas.search-rounds > 0: the search is not DP")
+        site = dp.site_clip > 0 or dp.site_noise_multiplier > 0
+        if dp.epsilon_budget and not (dp.enabled or dp.site_noise_multiplier > 0):
+            raise ValueError(
+                "dp.epsilon-budget needs dp.enabled = true or dp.site-noise-multiplier > 0"
+            )
+        if dp.site_noise_multiplier > 0 and dp.site_clip <= 0:
+            raise ValueError("dp.site-noise-multiplier needs dp.site-clip > 0 (the noise scale)")
+        if site and self.robust.aggregator != "fedavg":
+            raise ValueError(
+                f"dp.site-clip with robust.aggregator = {self.robust.aggregator!r}: the noise is "
+                "calibrated to the mean of clipped updates (sensitivity dp.site-clip / n); a "
+                "median, trimmed mean or Krum selection has another sensitivity"
+            )
+        if site and self.robust.clip_norm:
+            raise ValueError("dp.site-clip replaces robust.clip-norm: set robust.clip-norm = 0")
+        if site and name in ("scaffold", "fairfedavg"):
+            raise ValueError(
+                f"dp.site-clip with strategy.name = {name!r}: "
+                + (
+                    "its c-deltas reach the server unclipped and un-noised"
+                    if name == "scaffold"
+                    else "its fairness weights re-weight the clipped updates"
+                )
             )
 
     def method_options(self, gleam_devices: Sequence[str] = ()) -> dict[str, Any]:

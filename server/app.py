@@ -35,6 +35,7 @@ from server import nas as nas_phase
 from server.events import RunEvents
 from server.federation import Federation, Progress, robust_options
 from server.personalize import TrainingGrid, personalization_phase
+from server.privacy import privacy_summary
 from strategies.flower import build_strategy
 from strategies.protocol import to_record
 
@@ -55,6 +56,8 @@ def strategy_from_config(cfg: RunConfig) -> Any:
         "min_evaluate_nodes": fed.min_fit_clients,
         "min_available_nodes": fed.min_available_clients,
         "min_valid_replies": fed.min_fit_clients,
+        "sites_per_round": fed.sites_per_round,
+        "sample_seed": cfg.train.seed,
     }
     name = cfg.strategy.name
     if name == "fedprox":
@@ -63,9 +66,16 @@ def strategy_from_config(cfg: RunConfig) -> Any:
         o = cfg.fedopt
         common.update(eta=o.eta, beta_1=o.beta_1, beta_2=o.beta_2, tau=o.tau)
     elif name == "scaffold":
-        common.update(eta_g=cfg.scaffold.eta_g, option=cfg.scaffold.option)
+        # N of c <- c + |S|/N mean(Delta c_k): the federation's sites, sampled or not
+        common.update(
+            eta_g=cfg.scaffold.eta_g, option=cfg.scaffold.option, num_clients=cfg.data.num_sites
+        )
     elif name == "fairfedavg":
         common["gamma"] = cfg.fair.gamma
+    if cfg.dp.site_clip:  # site-level DP (README "Privacy")
+        common.update(
+            site_clip=cfg.dp.site_clip, site_noise_multiplier=cfg.dp.site_noise_multiplier
+        )
     return build_strategy(name, **common, **robust_options(cfg))
 
 
@@ -141,6 +151,8 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     status, error = "completed", None
     try:
         fed.run(progress)
+        if fed.stopped is not None:
+            log(INFO, "run %s stopped early: %s", run_dir.name, fed.stopped)
         # The model first: nothing a site sends in the final evaluation can lose it.
         _save_final_model(model, progress, cfg, run_dir, genotype)
         final["federated"], final["zero_filled"] = fed.final_evaluation(progress.arrays)
@@ -170,6 +182,10 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
         status=status,
         personalization=personalization or None,
     )
+    if final["federated"]:  # the distribution over the evaluated sites (final-eval-sites)
+        out["final_summary"] = results.final_summary(final["federated"], cfg.data.num_sites)
+    if cfg.dp.enabled or cfg.dp.site_clip:
+        out["privacy"] = privacy_summary(cfg, progress.rounds, fed.stopped)
     path = results.write(run_dir, out)
     log(INFO, "wrote %s (%s)", path, status)
     events.run_finished(

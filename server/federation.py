@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from recon.config import RunConfig
 from server import checkpoint
 from server.events import RunEvents
+from server.privacy import budget_stop, round_privacy
 from server.results import eval_entry, metric_triplet, train_entry
 from strategies.flower import NotEnoughReplies, SiteNames
 from strategies.protocol import (
@@ -280,6 +281,7 @@ class Federation:
         # node id -> bound site name: the strategy's (strategy state, so resume keeps it)
         self.sites: SiteNames = strategy.sites
         self._late: dict[int, str] = {}  # node -> reason, cut off by the last exchange's grace
+        self.stopped: str | None = None  # why the rounds stopped early (dp.epsilon-budget)
 
     # --- helpers ------------------------------------------------------------------------------
     def _needed(self) -> int:
@@ -378,6 +380,7 @@ class Federation:
         ]
         record = {
             "round": r,
+            **round_privacy(self.cfg, r, train_sites),  # "privacy" with DP (README "Privacy")
             "seconds": time.perf_counter() - t0,
             "bytes_sent": sent,
             "bytes_received": received,
@@ -478,6 +481,9 @@ class Federation:
         if progress.round < total:
             self.wait_for_expected_sites()
         while progress.round < total:
+            self.stopped = budget_stop(self.cfg, progress.rounds)  # DP: epsilon budget
+            if self.stopped is not None:
+                break
             record = self.run_round(progress)
             self.events.round_finished(record)
             self.checkpoint(progress, started)

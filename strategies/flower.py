@@ -45,7 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from strategies import maths, robust
+from strategies import maths, privacy, robust
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
@@ -300,6 +300,9 @@ class _Base(_FlowerFedAvg):
         trim_beta: float = 0.1,
         byzantine: int = 1,
         clip_norm: float = 0.0,
+        site_clip: float = 0.0,
+        site_noise_multiplier: float = 0.0,
+        site_noise_seed: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -328,6 +331,14 @@ class _Base(_FlowerFedAvg):
         self.trim_beta = float(trim_beta)
         self.byzantine = int(byzantine)
         self.clip_norm = float(clip_norm)
+        # site-level DP (strategies.privacy): clipped, noised mean of the updates
+        if site_noise_multiplier and not site_clip:
+            raise ValueError("site_noise_multiplier needs site_clip > 0")
+        if site_clip and (aggregator != "fedavg" or self.name in MEAN_ONLY):
+            raise ValueError(f"site_clip needs the plain mean, not {self.name}/{aggregator}")
+        self.site_clip = float(site_clip)
+        self.site_noise_multiplier = float(site_noise_multiplier)
+        self._dp_rng = np.random.default_rng(site_noise_seed)
         self.round = 0
         self.rejected: list[Rejection] = []
         self.train_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
@@ -362,6 +373,10 @@ class _Base(_FlowerFedAvg):
         al. 2017), the coordinate-wise median or trimmed mean (Yin et al., ICML 2018), or
         multi-Krum with m = n - f (Blanchard et al., NeurIPS 2017)."""
         ys = [r.arrays for r in replies]
+        if self.site_clip:  # site-level DP: unweighted, clipped, noised (README "Privacy")
+            assert self._global is not None
+            clip, sigma = self.site_clip, self.site_noise_multiplier
+            return privacy.dp_mean(ys, self._global, clip, sigma, self._dp_rng)
         if self.aggregator == "median":
             return robust.coordinate_median(ys)
         if self.aggregator == "trimmed-mean":

@@ -332,6 +332,13 @@ PERSONALIZE_METRIC_KEYS = (
 _RECORD_NAMES = (ARRAYS, CONFIG, METRICS, SCAFFOLD_C_GLOBAL, SCAFFOLD_C_DELTA, NAS_ALPHA)
 
 
+# Slice-level DP (README "Privacy"): the site's epsilon after this round and after one more
+# round of the same training (the server stops before a round past dp.epsilon-budget).
+DP_EPSILON = "dp-epsilon"
+DP_EPSILON_NEXT = "dp-epsilon-next"
+TRAIN_METRIC_KEYS = (*TRAIN_METRIC_KEYS, DP_EPSILON, DP_EPSILON_NEXT)
+
+
 @dataclass(frozen=True)
 class ReplySchema:
     """What one phase's reply may carry.

@@ -21,6 +21,7 @@ from recon.models.unrolled import Unrolled
 from recon.train.checkpointing import train_checkpointed
 from recon.train.gleam import train_gleam
 from recon.train.layerwise import train_layerwise
+from recon.train.privacy import DPSGD, train_dp
 from recon.train.trainer import TrainConfig, TrainHooks, TrainResult, train
 
 Method = Literal["e2e", "gleam", "checkpoint", "layerwise"]
@@ -97,12 +98,14 @@ def local_train(
     device: torch.device | str = "cpu",
     hooks: TrainHooks | None = None,
     progress: bool | None = None,
+    dp: DPSGD | None = None,
     **method_kwargs: Any,
 ) -> TrainResult:
     """Train ``model`` in place with ``method`` and return its :class:`TrainResult`.
 
     ``method_kwargs`` are the method's own options (:data:`METHOD_OPTIONS`), e.g.
-    ``local_train("gleam", model, ds, cfg, num_modules=3)``.
+    ``local_train("gleam", model, ds, cfg, num_modules=3)``. ``dp`` trains with DP-SGD
+    (:mod:`recon.train.privacy`; refuses gleam and layerwise, naming why).
     """
     if method not in METHOD_OPTIONS:
         raise ValueError(f"unknown training method {method!r}; choose one of {list(METHODS)}")
@@ -112,6 +115,8 @@ def local_train(
         raise TypeError(
             f"training method {method!r} got unknown options {unknown}; allowed: {allowed}"
         )
+    if dp is not None:  # slice-level DP-SGD (recon.train.privacy): e2e and checkpoint only
+        return train_dp(method, model, dataset, cfg, dp, device, hooks, progress)
     if method == "e2e":
         return train(model, dataset, cfg, device, hooks, progress)
     if method == "checkpoint":
