@@ -101,6 +101,14 @@ class FederationConfig(_Section):
     min_available_clients: int = _k(2, "sites connected before the first round", ge=1)
     fraction_fit: float = _k(1.0, "fraction of the sites sampled to train each round", gt=0, le=1)
     fraction_evaluate: float = _k(1.0, "fraction of the sites sampled to evaluate", gt=0, le=1)
+    sites_per_round: int = _k(
+        0,
+        "sites sampled (seeded by train.seed) per round, instead of the fractions (0 = off)",
+        ge=0,
+    )
+    final_eval_sites: int = _k(
+        0, "sites in the final evaluation (0 = all up to 32, else 32 sampled; N = N sampled)", ge=0
+    )
     eval_mode: Literal["piggyback", "separate"] = _k(
         "piggyback",
         "piggyback (evaluate the received model in the next train exchange) | separate",
@@ -225,7 +233,7 @@ class DataConfig(_Section):
     :class:`~recon.data.dataset.SiteDataset`."""
 
     root: str = _k("data/synth", "folder of the sites site0 .. site{N-1}")
-    num_sites: int = _k(4, "training sites (simulated SuperNodes)", ge=1, le=1000)
+    num_sites: int = _k(4, "training sites (simulated SuperNodes)", ge=1, le=10_000)
     iid: bool = _k(False, "synthetic sites drawn from one distribution (else one each)")
     mask: Literal["random1d", "equispaced1d", "poisson2d"] = _k(
         "random1d", "undersampling mask: random1d | equispaced1d | poisson2d"
@@ -445,6 +453,13 @@ class RunConfig(BaseModel):
         self._check_method()
         self._check_robust()
         self._check_privacy()
+        if fed.sites_per_round and not (
+            fed.min_fit_clients <= fed.sites_per_round <= self.data.num_sites
+        ):
+            raise ValueError(
+                f"sites-per-round ({fed.sites_per_round}) must lie between min-fit-clients "
+                f"({fed.min_fit_clients}) and data.num-sites ({self.data.num_sites})"
+            )
         if fed.min_fit_clients > self.data.num_sites:
             raise ValueError(
                 f"min-fit-clients ({fed.min_fit_clients}) exceeds data.num-sites "

@@ -9,7 +9,8 @@ So this module drives the same four strategy methods (``configure_train``, ``agg
 - per-site train/eval metrics, rejected replies (errors, invalid arrays, no reply in time) and
   bytes on the wire for every round,
 - an atomic checkpoint after every round (:mod:`server.checkpoint`),
-- a final evaluation of the global model on every site's test slices (and zero-filled); its
+- a final evaluation of the global model on the sites' test slices (and zero-filled; every
+  site up to 32, else a seeded sample of ``final-eval-sites``, :func:`final_eval_nodes`); its
   replies are checked like every other (identity, ``protocol.FINAL_SCHEMA``): a bad one is
   rejected and logged, never an exception that ends the run.
 """
@@ -24,6 +25,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -506,6 +508,7 @@ class Federation:
         """Global model and zero-filled metrics on every connected site's test slices."""
         nodes = wait_for_nodes(self.grid, self._needed(), self.cfg.federation.node_wait_timeout)
         self.sites.connected(nodes)
+        nodes = final_eval_nodes(nodes, self.cfg)  # final-eval-sites: a seeded sample
         config = self._config("test")
         config[RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
@@ -534,6 +537,21 @@ class Federation:
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
 
 
+def final_eval_nodes(nodes: Iterable[int], cfg: RunConfig) -> list[int]:
+    """The nodes of the final evaluation: ``final-eval-sites`` of them (0: all up to 32, else
+    32), drawn without replacement from the sorted node ids by a Generator seeded with
+    ``train.seed`` (its own stream: the round sampling's state is not touched)."""
+    ordered = sorted(nodes)
+    want = cfg.federation.final_eval_sites or (len(ordered) if len(ordered) <= 32 else 32)
+    if want >= len(ordered):
+        return ordered
+    rng = np.random.default_rng([cfg.train.seed, FINAL_EVAL_STREAM])
+    return [ordered[int(i)] for i in sorted(rng.choice(len(ordered), size=want, replace=False))]
+
+
+FINAL_EVAL_STREAM = 0xF1  # SeedSequence entropy next to train.seed for final_eval_nodes
+
+
 __all__ = [
     "Federation",
     "NodesUnavailable",
@@ -542,4 +560,5 @@ __all__ = [
     "Replies",
     "collect",
     "exchange",
+    "final_eval_nodes",
 ]

@@ -113,6 +113,45 @@ def build(
     return out
 
 
+# Metrics where lower is better (the worst site has the highest value).
+LOWER_IS_BETTER = ("nrmse",)
+
+
+def final_summary(
+    per_site: Mapping[str, Mapping[str, float]], num_sites: int | None = None
+) -> dict[str, Any]:
+    """The distribution of the final metrics over the evaluated sites (``final-eval-sites``):
+    per metric the mean, quartiles (q1, median, q3, linear interpolation), the worst value and
+    its site; ``evaluated`` sites of ``num_sites``. Non-finite values are left out."""
+    out: dict[str, Any] = {"evaluated": len(per_site), "num_sites": num_sites}
+    for key in ("ssim", "nrmse", "psnr"):
+        pairs = [
+            (float(m[key]), site)
+            for site, m in per_site.items()
+            if isinstance(m.get(key), Real) and math.isfinite(float(m[key]))
+        ]
+        if not pairs:
+            continue
+        values = sorted(v for v, _ in pairs)
+        worst = max(pairs) if key in LOWER_IS_BETTER else min(pairs)
+        out[key] = {
+            "mean": sum(values) / len(values),
+            "q1": _quantile(values, 0.25),
+            "median": _quantile(values, 0.5),
+            "q3": _quantile(values, 0.75),
+            "worst": worst[0],
+            "worst_site": worst[1],
+        }
+    return out
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 def write(run_dir: str | os.PathLike[str], results: Mapping[str, Any]) -> Path:
     """Write ``run_dir/results.json`` atomically (NaN is written as ``null``)."""
     return atomic_write_json(Path(run_dir) / RESULTS, _finite(results))

@@ -19,13 +19,17 @@ Shared behaviour (``_Base``):
 - ``self.round`` counts completed rounds and is part of ``state_dict()``: the round sent as
   ``server-round`` and used by the maths is ``self.round + 1``, not the ``server_round``
   argument, so a resumed ``start()`` (which counts from 1 again) continues the same sequence;
-- the ConfigRecord passed in is copied, never mutated.
+- the ConfigRecord passed in is copied, never mutated;
+- sampling (``sites_per_round`` or ``fraction_*``) draws from a seeded numpy Generator whose
+  state is part of ``state_dict()`` (``sampling/rng``), so a resumed run draws the same nodes.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -43,7 +47,6 @@ from flwr.app import (
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from strategies import maths, privacy, robust
 from strategies.protocol import (
@@ -72,6 +75,7 @@ from strategies.protocol import (
 )
 
 State = dict[str, Any]
+SAMPLE_RNG = "sampling/rng"  # state_dict key: the sampling Generator's state (JSON)
 Arrays = dict[str, np.ndarray]
 
 
@@ -303,6 +307,8 @@ class _Base(_FlowerFedAvg):
         site_clip: float = 0.0,
         site_noise_multiplier: float = 0.0,
         site_noise_seed: int | None = None,
+        sites_per_round: int = 0,
+        sample_seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -339,6 +345,12 @@ class _Base(_FlowerFedAvg):
         self.site_clip = float(site_clip)
         self.site_noise_multiplier = float(site_noise_multiplier)
         self._dp_rng = np.random.default_rng(site_noise_seed)
+        # partial participation: a fixed number of nodes per round (0: ``fraction_*``), drawn
+        # by a seeded Generator that is strategy state (a resumed run draws the same nodes)
+        if sites_per_round < 0:
+            raise ValueError(f"sites_per_round must be >= 0, got {sites_per_round}")
+        self.sites_per_round = int(sites_per_round)
+        self._sample_rng = np.random.default_rng(sample_seed)
         self.round = 0
         self.rejected: list[Rejection] = []
         self.train_site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
@@ -407,7 +419,14 @@ class _Base(_FlowerFedAvg):
     def state_dict(self) -> State:
         """Strategy state: ``strategy`` (name), ``round``, the site bindings (``sites/<node>``)
         and arrays under ``<record>/<key>``."""
-        return {"strategy": self.name, "round": self.round, **self.sites.state(), **self._state()}
+        sampling = {SAMPLE_RNG: json.dumps(self._sample_rng.bit_generator.state)}
+        return {
+            "strategy": self.name,
+            "round": self.round,
+            **sampling,
+            **self.sites.state(),
+            **self._state(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` returned (scalars may come back as 0-d arrays)."""
@@ -415,16 +434,36 @@ class _Base(_FlowerFedAvg):
         if name != self.name:
             raise ValueError(f"state is for strategy {name!r}, this is {self.name!r}")
         self.round = int(_scalar(state["round"]))
+        if SAMPLE_RNG in state:  # absent in checkpoints older than partial participation
+            self._sample_rng.bit_generator.state = json.loads(str(_scalar(state[SAMPLE_RNG])))
         self.sites.load(state)
         self._load_state(state)
 
     # --- train ------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, min_nodes: int, phase: str) -> list[int]:
-        """Sample as Flower's FedAvg does (waits for ``min_available_nodes``)."""
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, all_nodes = sample_nodes(
-            grid, self.min_available_nodes, max(num_nodes, min_nodes)
-        )
+        """``sites_per_round`` nodes (0: ``fraction`` of the connected ones, at least
+        ``min_nodes``), drawn without replacement by the strategy's seeded Generator from the
+        connected nodes in node-id order; waits for ``min_available_nodes`` as Flower does.
+
+        The draw depends only on the Generator's state (checkpointed) and the sorted node ids,
+        so a resumed run whose nodes keep their ids (in process, a deployment with node
+        authentication) samples the same nodes; all nodes (``fraction`` 1) use no draw.
+        """
+        all_nodes = sorted(grid.get_node_ids())
+        while len(all_nodes) < self.min_available_nodes:
+            log(INFO, "waiting for nodes: %d of %d", len(all_nodes), self.min_available_nodes)
+            time.sleep(1)
+            all_nodes = sorted(grid.get_node_ids())
+        if self.sites_per_round:
+            size = self.sites_per_round
+        else:
+            size = max(int(len(all_nodes) * fraction), min_nodes)
+        size = min(size, len(all_nodes))
+        if size >= len(all_nodes):
+            node_ids = all_nodes
+        else:
+            picked = self._sample_rng.choice(len(all_nodes), size=size, replace=False)
+            node_ids = [all_nodes[i] for i in sorted(int(i) for i in picked)]
         self.num_nodes = len(all_nodes)
         self.sites.connected(all_nodes)
         log(INFO, "configure_%s: sampled %s of %s nodes", phase, len(node_ids), len(all_nodes))
@@ -803,7 +842,8 @@ class Scaffold(_Base):
     option : {"i", "ii"}
         Control-variate rule the clients use (sent to them).
     num_clients : int, optional
-        N in c <- c + |S|/N mean(Delta c_k); None = nodes connected at sampling time.
+        N in c <- c + |S|/N mean(Delta c_k), the federation's sites (the server passes
+        ``data.num-sites``); None = nodes connected at sampling time. Never below |S|.
     control_keys : sequence of str, optional
         Model keys that carry control variates (the trainable parameters); None = every
         float array of the model. Clients must send Delta c for exactly these keys.
@@ -876,7 +916,8 @@ class Scaffold(_Base):
         return {SCAFFOLD_C_DELTA: self._init_c()}
 
     def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
-        num_clients = self.num_clients or max(self.num_nodes, len(replies))
+        # N: the federation's sites (data.num-sites), not the nodes sampled or connected
+        num_clients = max(self.num_clients or self.num_nodes, len(replies))
         new, self.c_global = maths.scaffold_server_update(
             global_arrays,
             [r.arrays for r in replies],
