@@ -1,7 +1,8 @@
 """Which site a ClientApp serves, and its slices (loaded once per process).
 
 Deployment: ``flower-supernode --node-config 'data-path="/data/site0" site-id="a" device="cuda"'``.
-Simulation: ``partition-id`` ``k`` maps to ``<data.root>/site{k}`` of the run config.
+Simulation: ``partition-id`` ``k`` maps to ``<data.root>/site{k}`` of the run config (a lazy
+synthetic site, :mod:`recon.data.lazy`, is written there the first time it is needed).
 Either way ``state-path="/var/lib/fedunroll/a"`` puts the site's own state (Scaffold's c_k
 files) in a writable folder, so the data may be mounted read-only; it defaults to the data path.
 """
@@ -26,6 +27,7 @@ from recon import runtime
 from recon.config import ConfigError, RunConfig, parse_run_config
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
+from recon.data.lazy import ensure_site
 from strategies.protocol import (
     ERROR_CONFIG,
     ERROR_DATA,
@@ -157,6 +159,8 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
     elif "partition-id" in node_config:
         pid = get_int(node_config, "partition-id")
         path = Path(cfg.data.root).expanduser() / f"site{pid}"
+        if not path.is_dir():  # a lazy synthetic site: written the first time it is needed
+            ensure_site(path.parent, pid)
         site_id = str(node_config.get("site-id") or f"site{pid}")
     else:
         raise SiteError(

@@ -42,6 +42,9 @@ FLWR_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 CONNECTION = "fedunroll"
+# More synthetic sites than this are generated lazily, each when first sampled (README "Many
+# sites"); up to this many are generated up front as before.
+LAZY_SITES_ABOVE = 32
 PACKAGES = ("recon", "strategies", "server", "client")
 # Third-party output that says nothing to a fedunroll user, kept out of the terminal (the run's
 # simulation.log keeps every line): Flower's note on its default federation size and its resize
@@ -128,15 +131,34 @@ def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
             "simulation maps partition k to <data.root>/site<k>"
         )
     from recon.data import generate_sites
+    from recon.data.lazy import PLAN, write_plan
 
     d = cfg.data
+    overrides = {"num_coils": d.synth_coils} if d.synth_coils else None
+    plan = {
+        "n_sites": len(dirs),
+        "n_slices": d.synth_slices,
+        "seed": d.seed,
+        "matrix": d.synth_size or None,
+        "iid": d.iid,
+        "overrides": overrides,
+    }
+    if len(dirs) > LAZY_SITES_ABOVE:  # README "Many sites": each site when first sampled
+        _check_plan(root, plan)
+        write_plan(root, **plan)
+        print(
+            f"{len(dirs)} synthetic sites in {root} are generated when first sampled "
+            f"(more than {LAZY_SITES_ABOVE}; {root / PLAN})",
+            file=log,
+            flush=True,
+        )
+        return dirs
     print(
         f"generating {len(dirs)} synthetic {'IID' if d.iid else 'non-IID'} sites "
         f"({d.synth_slices} slices each) in {root} ...",
         file=log,
         flush=True,
     )
-    overrides = {"num_coils": d.synth_coils} if d.synth_coils else None
     generate_sites(
         root,
         n_sites=len(dirs),
@@ -147,6 +169,25 @@ def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
         overrides=overrides,
     )
     return dirs
+
+
+def _check_plan(root: Path, plan: Mapping[str, Any]) -> None:
+    """Lazy sites already planned in ``root`` for another layout must not be mixed with these."""
+    from recon.data.lazy import read_plan
+    from recon.data.synth import GENERATOR
+
+    old = read_plan(root)
+    if old is None:
+        return
+    diff = [k for k, v in plan.items() if k != "n_sites" and old.get(k) != v]
+    if diff or old.get("generator") != GENERATOR:
+        raise FileExistsError(
+            f"{root} holds lazy synthetic sites planned with "
+            + ", ".join(f"{k}={old.get(k)}" for k in diff or ["generator"])
+            + "; this run asks for "
+            + ", ".join(f"{k}={plan.get(k, GENERATOR)}" for k in diff or ["generator"])
+            + "; choose another data.root or delete it"
+        )
 
 
 def _check_synthetic(dirs: list[Path], cfg: RunConfig) -> None:

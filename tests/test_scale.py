@@ -179,3 +179,88 @@ def test_partial_participation_is_reproducible_across_a_resume(root6, tmp_path, 
     # 6 sites <= 32: every site in the final evaluation, and its distribution
     assert sorted(res["final"]["federated"]) == [f"site{k}" for k in range(6)]
     assert res["final_summary"]["evaluated"] == 6
+
+
+# --- lazy sites -------------------------------------------------------------------------------
+def _plan(n_sites: int) -> dict:
+    from test_app_support import TINY
+
+    return {
+        "n_sites": n_sites,
+        "n_slices": TINY["data.synth-slices"],
+        "seed": 0,
+        "matrix": TINY["data.synth-size"],
+        "iid": False,
+        "overrides": {"num_coils": TINY["data.synth-coils"]},
+    }
+
+
+def test_a_lazy_site_is_the_site_generate_sites_writes(tmp_path) -> None:
+    import json
+
+    import h5py
+
+    from recon.data import generate_sites
+    from recon.data.lazy import ensure_site, write_plan
+
+    plan = _plan(3)
+    eager, lazy = tmp_path / "eager", tmp_path / "lazy"
+    generate_sites(eager, **plan)
+    write_plan(lazy, **plan)
+    assert ensure_site(lazy, 2) == lazy / "site2"
+    assert not (lazy / "site0").exists() and not (lazy / "site1").exists()
+    assert ensure_site(lazy, 3) is None  # outside the plan
+    assert ensure_site(tmp_path / "no-plan", 0) is None
+    a, b = (json.loads((r / "site2" / "site.json").read_text()) for r in (eager, lazy))
+    assert a == b
+    for rel in a["files"]["train"]:
+        with h5py.File(eager / "site2" / rel) as fa, h5py.File(lazy / "site2" / rel) as fb:
+            np.testing.assert_array_equal(fa["kspace"][()], fb["kspace"][()])
+    assert sorted(p.name for p in lazy.iterdir() if p.name.startswith(".site2.tmp")) == []
+
+
+def _ensure(args):
+    from recon.data.lazy import ensure_site
+
+    return str(ensure_site(*args))
+
+
+def test_racing_processes_write_a_lazy_site_once(tmp_path) -> None:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from recon.data.lazy import write_plan
+
+    write_plan(tmp_path, **_plan(2))
+    with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        got = list(pool.map(_ensure, [(tmp_path, 1), (tmp_path, 1)]))
+    assert got == [str(tmp_path / "site1")] * 2
+    assert (tmp_path / "site1" / "site.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.slow
+def test_a_hundred_lazy_sites_run_in_process(tmp_path) -> None:
+    """100 sites, 4 sampled per round, 2 rounds, 4 in the final evaluation: only the sites
+    sampled are ever written, and the run completes in well under a few minutes."""
+    import time
+
+    from recon.data.lazy import write_plan
+
+    root = tmp_path / "sites"
+    write_plan(root, **_plan(100))
+    flat = tiny_config(root, tmp_path / "runs", {"strategy.name": "scaffold"})
+    flat.update({"data.num-sites": 100, "sites-per-round": 4, "final-eval-sites": 4})
+    flat.update({"eval-mode": "piggyback", "train.local-steps": 2, "run.name": "hundred"})
+    t0 = time.perf_counter()
+    res = run_federation(_grid(flat, n=100), parse_run_config(flat))
+    seconds = time.perf_counter() - t0
+    assert res["status"] == "completed", res["status"]
+    assert [len(r["train"]) for r in res["rounds"]] == [4, 4]
+    assert len(res["final"]["federated"]) == 4 and res["final_summary"]["num_sites"] == 100
+    written = sorted(p.name for p in root.glob("site*"))
+    used = {s for r in res["rounds"] for s in [*r["train"], *r["eval"]]}
+    used |= set(res["final"]["federated"])
+    assert set(written) == used and len(written) <= 16
+    print(f"100 lazy sites, 2 rounds of 4: {seconds:.1f} s, {len(written)} sites written")
+    assert seconds < 180, seconds
