@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "fedunroll.federation",  # simulate, report
     "fedunroll.overrides",  # config
     "fedunroll.dashboard",  # dashboard
+    "fedunroll.reproduce",  # reproduce (benchmarks/reproduce.py)
 ]
 
 

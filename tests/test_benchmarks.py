@@ -58,3 +58,31 @@ def test_bench_modl_quick_writes_json(tmp_path: Path) -> None:
     )
     (row,) = json.loads(out.read_text())["rows"]
     assert row["size"] == 64 and row["forward_s"] > 0 and row["forward_over_fft_floor"] > 0
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_every_section(tmp_path: Path) -> None:
+    _run("benchmarks/reproduce.py", "--quick", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "reproduce_quick.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == {
+        "strategies",
+        "low_data",
+        "personalization",
+        "gleam",
+        "fairness",
+        "nas",
+    }
+    seeds = report["seeds"]
+    assert seeds == list(range(len(seeds))) and len(seeds) >= 2  # seeds 0..S-1, never chosen
+    for dist in ("iid", "noniid"):
+        diff = sections["strategies"][dist]["scaffold_minus_fedavg"]["ssim"]
+        assert len(diff["values"]) == len(seeds) and diff["ci"][0] <= diff["mean"] <= diff["ci"][1]
+    assert sections["personalization"]["unseen"]["ssim"]["n"] == len(seeds)
+    assert {"equal_architecture", "equal_memory"} <= set(sections["gleam"])
+    assert "std" in sections["fairness"]["fairfedavg_minus_fedavg"]
+    claims = [d["claim"][:2] for d in report["directions"]]
+    assert {"1.", "2.", "3.", "4.", "5.", "6."} <= set(claims)
+    assert all(d["verdict"] for d in report["directions"]) and report["wall_seconds"] > 0
+    assert "| claim |" in (tmp_path / "reproduce_quick.md").read_text()
+    assert (tmp_path / "reproduce_quick.png").stat().st_size > 10_000
