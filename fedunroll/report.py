@@ -139,6 +139,23 @@ def site_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def distribution_table(results: Mapping[str, Any]) -> str | None:
+    """The final metrics' distribution over the evaluated sites (``final_summary``: mean,
+    quartiles, worst site), with how many of the federation's sites were evaluated."""
+    summary = results.get("final_summary")
+    if not summary:
+        return None
+    lines = ["| metric | mean | q1 | median | q3 | worst | worst site |", "|---|" + "---:|" * 6]
+    for metric in ("ssim", "nrmse", "psnr"):
+        d = summary.get(metric)
+        if d:
+            vals = [_fmt(metric, d[k]) for k in ("mean", "q1", "median", "q3", "worst")]
+            lines.append(f"| {metric} | {' | '.join(vals)} | {d['worst_site']} |")
+    total = summary.get("num_sites")
+    of = f" of {total}" if total else ""
+    return f"{summary['evaluated']}{of} sites evaluated (final-eval-sites).\n\n" + "\n".join(lines)
+
+
 def _delta(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:+.4f}"
 
@@ -303,6 +320,9 @@ def _pyplot() -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    distribution = distribution_table(results)
+    if distribution:
+        out += ["## Distribution over sites (federated, test split)", "", distribution, ""]
 
     return plt
 

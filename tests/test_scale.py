@@ -264,3 +264,14 @@ def test_a_hundred_lazy_sites_run_in_process(tmp_path) -> None:
     assert set(written) == used and len(written) <= 16
     print(f"100 lazy sites, 2 rounds of 4: {seconds:.1f} s, {len(written)} sites written")
     assert seconds < 180, seconds
+
+
+def test_report_shows_the_distribution_over_sites() -> None:
+    from fedunroll.report import distribution_table
+
+    per_site = {f"site{k}": {"ssim": 0.6 + 0.01 * k, "nrmse": 0.3, "psnr": 25.0} for k in range(8)}
+    text = distribution_table({"final_summary": final_summary(per_site, 1000)})
+    assert text is not None
+    assert "8 of 1000 sites evaluated" in text and "| ssim | 0.6350 |" in text
+    assert "| site0 |" in text
+    assert distribution_table({}) is None
