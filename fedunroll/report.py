@@ -245,6 +245,44 @@ def _rejected_table(results: Mapping[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def privacy_table(results: Mapping[str, Any]) -> str | None:
+    """Epsilon per site and round (slice-level DP-SGD) and the site-level epsilon, with the
+    run's delta and why it stopped early, if it did (README "Privacy")."""
+    privacy = results.get("privacy")
+    if not privacy:
+        return None
+    rounds = [r for r in results["rounds"] if "privacy" in r]
+    sites = sorted({s for r in rounds for s in r["privacy"].get("epsilon", {})})
+    site_level = any("site_level_epsilon" in r["privacy"] for r in rounds)
+    head = ["round", *(f"eps {s}" for s in sites)] + (["eps site-level"] if site_level else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rounds:
+        p = r["privacy"]
+        cells = [str(r["round"]), *(_eps(p.get("epsilon", {}).get(s)) for s in sites)]
+        if site_level:
+            cells.append(_eps(p.get("site_level_epsilon")))
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"delta = {privacy['delta']:g} per site, accountant {privacy['accountant']}"]
+    slice_level = privacy.get("slice_level")
+    if slice_level:
+        notes.append(
+            f"slice-level DP-SGD: clip {slice_level['clip']:g}, noise multiplier "
+            f"{slice_level['noise_multiplier']:.4g}, {slice_level['sampling']}"
+        )
+    if privacy.get("site_level"):
+        s = privacy["site_level"]
+        notes.append(f"site-level: clip {s['clip']:g}, noise multiplier {s['noise_multiplier']:g}")
+    if privacy.get("epsilon_budget"):
+        notes.append(f"budget epsilon {privacy['epsilon_budget']:g}")
+    if privacy.get("stopped"):
+        notes.append(f"**stopped early**: {privacy['stopped']}")
+    return "; ".join(notes) + ".\n\n" + "\n".join(lines)
+
+
+def _eps(value: Any) -> str:
+    return "inf" if value is None else f"{float(value):.3g}"
+
+
 def _config_table(config: Mapping[str, Any]) -> str:
     lines = ["| key | value |", "|---|---|"]
     lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(config.items())]
@@ -282,6 +320,9 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
         site_table(results),
         "",
     ]
+    distribution = distribution_table(results)
+    if distribution:
+        out += ["## Distribution over sites (federated, test split)", "", distribution, ""]
     personalized = personalization_table(results)
     if personalized:
         out += [
@@ -305,6 +346,9 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
     rejected = _rejected_table(results)
     if rejected:
         out += ["## Rejected replies", "", rejected, ""]
+    privacy = privacy_table(results)
+    if privacy:
+        out += ["## Differential privacy", "", privacy, ""]
     if figures:
         out += ["## Figures", ""]
         out += [f"![{Path(f).stem}]({f})\n" for f in figures]
@@ -320,9 +364,6 @@ def _pyplot() -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    distribution = distribution_table(results)
-    if distribution:
-        out += ["## Distribution over sites (federated, test split)", "", distribution, ""]
 
     return plt
 

@@ -300,3 +300,25 @@ def test_site_level_dp_run_records_its_epsilon(root, tmp_path) -> None:
     eps = [r["privacy"]["site_level_epsilon"] for r in res["rounds"]]
     assert eps == pytest.approx([epsilon(2.0, 1.0, r, 1e-5) for r in (1, 2)])
     assert res["privacy"]["site_level"]["epsilon"] == pytest.approx(eps[-1])
+
+
+def test_report_shows_epsilon_per_site_and_round() -> None:
+    from fedunroll.report import privacy_table
+
+    results = {
+        "rounds": [
+            {"round": 1, "privacy": {"delta": 1e-5, "epsilon": {"site0": 0.5, "site1": 0.7}}},
+            {"round": 2, "privacy": {"delta": 1e-5, "epsilon": {"site0": 0.8, "site1": 1.1}}},
+        ],
+        "privacy": {
+            "delta": 1e-5,
+            "accountant": "rdp",
+            "epsilon_budget": 1.2,
+            "stopped": "privacy budget: round 3 would take site1 to epsilon 1.4",
+            "slice_level": {"clip": 1.0, "noise_multiplier": 1.0, "sampling": "Poisson"},
+        },
+    }
+    text = privacy_table(results)
+    assert text is not None
+    assert "| 2 | 0.8 | 1.1 |" in text and "stopped early" in text and "delta = 1e-05" in text
+    assert privacy_table({"rounds": []}) is None
