@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import ERROR
@@ -40,8 +41,11 @@ from strategies.protocol import (
 )
 
 # (site path, split, SiteDataset kwargs) -> dataset. Sites are small and a ClientApp process
-# serves one or a few sites for a whole run: never re-read h5 every round.
-_DATASETS: dict[tuple[Any, ...], SiteDataset] = {}
+# serves one or a few sites for a whole run: never re-read h5 every round. In a simulation of
+# many sites one worker process serves any sampled site: the least recently used splits beyond
+# MAX_CACHED_SPLITS are dropped, so a worker's memory does not grow with the sites it has seen.
+_DATASETS: OrderedDict[tuple[Any, ...], SiteDataset] = OrderedDict()
+MAX_CACHED_SPLITS = 64
 _LOCK = threading.Lock()
 
 
@@ -208,6 +212,9 @@ def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:
     with _LOCK:
         if key not in _DATASETS:
             _DATASETS[key] = SiteDataset(site.path, split=split, **_split_kwargs(cfg, split))
+            while len(_DATASETS) > MAX_CACHED_SPLITS:
+                _DATASETS.popitem(last=False)
+        _DATASETS.move_to_end(key)
         return _DATASETS[key]
 
 
