@@ -15,15 +15,38 @@ import math
 import torch
 from torch import nn
 
-from recon.models.denoisers import ComplexDenoiser
+from recon.models.denoisers import ComplexDenoiser, channels_to_complex, complex_to_channels
 from recon.physics.cg import conjugate_gradient
 from recon.physics.sense import ScaledIdentityPlusNormal, SenseOp
+
+
+def set_denoiser_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run ``model``'s denoisers under ``torch.autocast`` with ``dtype`` (``torch.bfloat16``
+    on a GPU), or in full precision again with ``None``. Only the CNN changes precision: its
+    output is cast back to float32 before it becomes complex, so FFTs, CG and the loss stay
+    in float32 (the data-consistency solve needs it). A run-time setting, not a weight."""
+    for m in model.modules():
+        if isinstance(m, Unrolled):
+            m.denoiser_autocast = dtype
+
+
+def denoise(
+    denoiser: nn.Module, x: torch.Tensor, autocast: torch.dtype | None = None
+) -> torch.Tensor:
+    """``denoiser(x)``, with the CNN of a :class:`ComplexDenoiser` under ``autocast``."""
+    if autocast is None or not isinstance(denoiser, ComplexDenoiser):
+        return denoiser(x)
+    with torch.autocast(x.device.type, dtype=autocast):
+        out = denoiser.net(complex_to_channels(x))
+    z = channels_to_complex(out.float())
+    return x + z if denoiser.residual else z
 
 
 class Unrolled(nn.Module):
     """Common driver: ``x0 = A^H y``, then ``num_unrolls`` calls of :meth:`step`."""
 
     num_unrolls: int
+    denoiser_autocast: torch.dtype | None = None  # see set_denoiser_autocast
 
     def init(self, y: torch.Tensor, physics: SenseOp) -> torch.Tensor:
         """The zero-filled SENSE image ``x0 = A^H y`` ``[B, H, W]``."""
@@ -107,14 +130,17 @@ class MoDL(Unrolled):
     def data_consistency(
         self, z: torch.Tensor, y: torch.Tensor, physics: SenseOp, x0: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Eq. 8: ``(A^H A + lam I)^{-1} (A^H y + lam z)`` by ``cg_iters`` CG steps."""
+        """Eq. 8: ``(A^H A + lam I)^{-1} (A^H y + lam z)`` by ``cg_iters`` CG steps.
+
+        ``A^H y`` is the same in every unroll: :class:`~recon.physics.sense.SenseOp` keeps the
+        last one (``x0`` of :meth:`init`), so it is computed once per forward."""
         lam = self.lam
         normal = ScaledIdentityPlusNormal(physics, lam)  # A^H A + lam I
         rhs = physics.adjoint(y) + lam * z
         return conjugate_gradient(normal, rhs, x0=x0, max_iter=self.cg_iters)
 
     def step(self, i: int, x: torch.Tensor, y: torch.Tensor, physics: SenseOp) -> torch.Tensor:
-        z = self.denoiser(i)(x)
+        z = denoise(self.denoiser(i), x, self.denoiser_autocast)
         return self.data_consistency(z, y, physics)
 
 
@@ -143,4 +169,4 @@ class UnrolledPGD(Unrolled):
     def step(self, i: int, x: torch.Tensor, y: torch.Tensor, physics: SenseOp) -> torch.Tensor:
         t = self.log_step[i].exp()
         x_plus = x - 2 * t * physics.adjoint(physics.forward(x) - y)
-        return self.denoisers[i](x_plus)
+        return denoise(self.denoisers[i], x_plus, self.denoiser_autocast)
