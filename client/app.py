@@ -163,7 +163,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) ->
     if fair:  # this round's local loss: next round's reference
         metrics[FAIR_LOCAL_LOSS] = nas.keep_local_risk(rnd.state, rnd.run_uid, model, data, cfg)
 
-    metrics.update(_train_metrics(result, len(data)), **dp_metrics)
+    metrics.update(privacy.releasable(_train_metrics(result, len(data)), dp), **dp_metrics)
     metrics.update(evaluate(model, load_split(site, cfg, "val"), site.device).as_dict())
     metrics.update({"train-seconds": result.seconds, "seconds": time.perf_counter() - t0})
     reply = _reply(msg, site, metrics, **{ARRAYS: _state_record(model)}, **extra)

@@ -50,3 +50,15 @@ def dp_round(
         DP_EPSILON_NEXT: site_epsilon(cfg, num_slices, server_round + 1),
     }
     return dp, metrics
+
+
+# Reply metrics computed on the training slices outside DP-SGD's accounting: not sent with DP.
+TRAINING_LOSSES = ("train-loss", "train-final-loss")
+
+
+def releasable(metrics: dict[str, Any], dp: DPSGD | None) -> dict[str, Any]:
+    """``metrics`` without the training losses when the round trains with DP (``dp``): they are
+    means over the training slices, which the accountant does not cover."""
+    if dp is None:
+        return metrics
+    return {k: v for k, v in metrics.items() if k not in TRAINING_LOSSES}

@@ -254,6 +254,8 @@ def test_federated_dp_run_records_epsilon_and_stops_at_the_budget(root, tmp_path
     assert [r["round"] for r in res["rounds"]] == [1]
     got = res["rounds"][0]["privacy"]
     assert got["epsilon"] == pytest.approx(eps[0]) and got["epsilon_next"] == pytest.approx(eps[1])
+    # training losses are means over the training slices, outside the accounting: not sent
+    assert all(math.isnan(m["loss"]) for m in res["rounds"][0]["train"].values())
     privacy = res["privacy"]
     worst = max(eps[1], key=lambda s: eps[1][s])
     assert f"round 2 would take {worst} to epsilon" in privacy["stopped"]
