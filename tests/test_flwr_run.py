@@ -41,9 +41,18 @@ class _Grid:
         return list(range(1, count + 1))
 
 
+class _Strategy:
+    """What the round loop reads of a strategy before any round: its site names."""
+
+    def __init__(self) -> None:
+        from strategies.flower import SiteNames
+
+        self.sites = SiteNames()
+
+
 def _wait(schedule: list[tuple[float, int]], settle: float, **flat: object) -> float:
     cfg = parse_run_config({**default_flat(), **flat})
-    fed = Federation(_Grid(schedule), object(), cfg, Path("."), "uid")
+    fed = Federation(_Grid(schedule), _Strategy(), cfg, Path("."), "uid")
     t0 = time.monotonic()
     fed.wait_for_expected_sites(poll=0.05, settle=settle)
     return time.monotonic() - t0
