@@ -379,3 +379,20 @@ def test_guard_turns_expected_errors_into_one_line(capsys: pytest.CaptureFixture
 def test_data_commands_report_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run_cli(["convert", str(tmp_path / "nope.mat"), str(tmp_path / "o.h5")], capsys)
     assert rc == 2 and err == "fedunroll convert: error: nope.mat: field 'file': does not exist\n"
+
+
+def test_one_bad_file_is_reported_once_with_its_own_field(tmp_path) -> None:
+    """``fedunroll recon FILE`` on a bad file: that file's own error, once, no 'split' field."""
+    import warnings
+
+    from recon.data.dataset import file_samples
+    from recon.data.h5io import DataError
+
+    bad = tmp_path / "edge" / "scan.h5"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an h5 file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping bad file" warning either
+        with pytest.raises(DataError) as err:
+            file_samples(bad)
+    assert "split" not in str(err.value) and str(err.value).count("scan.h5") == 1

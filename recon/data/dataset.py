@@ -204,7 +204,8 @@ class SiteDataset(Dataset[Sample]):
     Raises
     ------
     DataError
-        If the split has no usable file.
+        If the split has no usable file; with ``strict=True`` (one file asked for by name, as
+        ``fedunroll recon`` does) the first bad file's own error, without a warning.
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class SiteDataset(Dataset[Sample]):
         masks: np.ndarray | None = None,
         prospective: bool = False,
         min_calib: int = MIN_CALIB_LINES,
+        strict: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -277,6 +279,8 @@ class SiteDataset(Dataset[Sample]):
                     it.meta.update(calib_lines=calib_info[0], calib_from=calib_info[1])
                 self._calib.append(calib_info)
             except DataError as err:
+                if strict:  # one file asked for by name: its own error, once
+                    raise
                 self.errors.append(err)
                 continue
             self.files.append(path)
@@ -485,7 +489,4 @@ def file_samples(path: str | os.PathLike[str], **kwargs: Any) -> SiteDataset:
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "file", "does not exist")
-    ds = SiteDataset(p.parent, files=[p], **kwargs)
-    if ds.errors:
-        raise ds.errors[0]
-    return ds
+    return SiteDataset(p.parent, files=[p], strict=True, **kwargs)
