@@ -10,7 +10,13 @@ Two runs of the same federation:
   Ray, one after the other), where the round wall time is pure client compute plus the strategy.
 
 ``overhead_seconds = round_seconds - client_seconds_sum / parallel`` (>= what Flower + Ray add;
-the evaluate phase's compute is inside it). Bytes per round are compared with the model size.
+the evaluate phase's compute is inside it). Bytes per round are compared with the model size,
+per site and per direction (``eval-mode = "piggyback"``, the default, ships the model once
+each way; ``"separate"`` twice down). Round 1 is compared with the steady rounds
+(``first_over_steady_round``); in the simulation, the time before round 1 (SuperLink and Ray
+start-up, the ServerApp waiting for the SuperNodes) and after the last round (final
+evaluation, shutdown) is reported apart (``outside_rounds_seconds``), and Ray's own start-up
+is timed alone (``ray_init_seconds``: ``ray.init`` to a first task's result, then shutdown).
 
     python benchmarks/bench_federation.py --out benchmarks/results/federation.json
     python benchmarks/bench_federation.py --set model.num-unrolls=6 --set data.synth-size=128
@@ -74,11 +80,14 @@ def _rounds(data: dict[str, Any], parallel: float) -> list[dict[str, Any]]:
 
 
 def _summary(rows: list[dict[str, Any]], model_bytes: int, n_sites: int) -> dict[str, Any]:
-    steady = rows[1:] or rows  # round 1 includes process start-up, imports and data loading
+    # round 1 includes process start-up, imports and data loading; the last round of
+    # eval-mode piggyback adds the one evaluate exchange of the run
+    steady = rows[1:-1] or rows[1:] or rows
     med = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
     return {
         "first_round_seconds": rows[0]["round_seconds"],
         "median_round_seconds": med("round_seconds"),
+        "first_over_steady_round": rows[0]["round_seconds"] / med("round_seconds"),
         "median_client_seconds_sum": med("client_seconds_sum"),
         "median_overhead_seconds": med("overhead_seconds"),
         "overhead_fraction": med("overhead_seconds") / med("round_seconds"),
@@ -87,6 +96,10 @@ def _summary(rows: list[dict[str, Any]], model_bytes: int, n_sites: int) -> dict
         "model_bytes": model_bytes,
         "sent_per_round_over_model": med("bytes_sent") / model_bytes,
         "sent_per_site_per_round_over_model": med("bytes_sent") / model_bytes / n_sites,
+        "received_per_site_per_round_over_model": med("bytes_received") / model_bytes / n_sites,
+        "all_rounds_sent_per_site_per_round_over_model": (
+            sum(r["bytes_sent"] for r in rows) / len(rows) / model_bytes / n_sites
+        ),
     }
 
 
@@ -105,9 +118,26 @@ def run_simulation(flat: dict[str, Any], out: Path) -> dict[str, Any]:
     rows = _rounds(data, parallel)
     return {
         "command_seconds": wall,
+        "outside_rounds_seconds": wall - sum(r["round_seconds"] for r in rows),
         "rounds": rows,
         **_summary(rows, data["model"]["bytes"], cfg.data.num_sites),
     }
+
+
+def ray_startup(cpus: int) -> dict[str, float]:
+    """Seconds for ``ray.init`` and a first remote task's result (a worker started), and for
+    ``ray.shutdown``: what a simulation pays before any ClientApp runs."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.get(ray.remote(lambda: 1).remote())
+        up = time.perf_counter() - t0
+    finally:
+        t1 = time.perf_counter()
+        ray.shutdown()
+    return {"ray_init_seconds": up, "ray_shutdown_seconds": time.perf_counter() - t1}
 
 
 def run_inprocess(flat: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -160,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             report["inprocess"] = run_inprocess(flat, Path(tmp) / "runs")
         if not args.skip_simulation:
             report["simulation"] = run_simulation(flat, Path(tmp) / "runs")
+            report["simulation"].update(ray_startup(os.cpu_count() or 1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -171,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"(first {r['first_round_seconds']:.1f} s), "
                 f"client compute {r['median_client_seconds_sum']:.2f} s, overhead "
                 f"{r['median_overhead_seconds']:.2f} s ({100 * r['overhead_fraction']:.0f}%), "
-                f"{r['sent_per_round_over_model']:.1f}x model bytes sent per round"
+                f"{r['sent_per_site_per_round_over_model']:.2f}x / "
+                f"{r['received_per_site_per_round_over_model']:.2f}x model bytes per site per "
+                f"round sent / received, first round {r['first_over_steady_round']:.1f}x steady"
             )
     print(f"wrote {out}")
     return 0

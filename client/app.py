@@ -8,7 +8,10 @@ goes on without it.
 
 Train message -> reply (Levac et al. 2023 Sec. 3.3, Algorithm 1):
 
-1. load x (``arrays``) into the model, the site's training slices (cached per process);
+1. load x (``arrays``) into the model, the site's training slices (cached per process); with
+   ``eval.global`` in the config (``eval-mode = "piggyback"``) first evaluate x on the
+   validation slices (``global-*`` metrics: the previous round's evaluation, so the model
+   travels once per round);
 2. ``train.local-steps`` Adam steps of :func:`recon.train.methods.local_train` with
    ``train.method`` (e2e, checkpoint, gleam, layerwise), with FedProx's proximal term
    (``fedprox.mu`` in the config) or Scaffold's gradient correction ``g - c_k + c``
