@@ -1,9 +1,9 @@
 """Per-round server checkpoint: everything a killed run needs to continue to the same result.
 
 ``<run dir>/checkpoint.pt``, replaced atomically after every round: the global arrays, the strategy
-state (FedOpt moments, Scaffold's c, its round counter), the round number, the RNG states
-(Python's ``random`` drives node sampling), the per-round records of ``results.json`` so far, the
-run's uid and its flat config.
+state (FedOpt moments, Scaffold's c, its round counter, the seeded Generator that samples the
+sites), the round number, the global RNG states (Python, NumPy, torch), the per-round records of
+``results.json`` so far, the run's uid and its flat config.
 
 Crash safety. Before a save replaces ``checkpoint.pt``, the current file also becomes
 ``checkpoint.prev.pt`` (a second hard link, swapped in with ``os.replace``; a copy where the file
