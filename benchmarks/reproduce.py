@@ -150,8 +150,15 @@ class Bench:
         from recon.data.synth.presets import site_presets
 
         presets = site_presets()[:N_SITES]
-        presets[2:] = [dataclasses.replace(p, size=0.2, noise=3 * p.noise) for p in presets[2:]]
-        return self.sites("unequal", presets=presets)
+        presets[2:] = [dataclasses.replace(p, noise=3 * p.noise) for p in presets[2:]]
+        fresh = not (self.work / "unequal").exists()
+        root = self.sites("unequal", presets=presets)
+        if fresh:  # the small hospitals keep 20% of their training files
+            for k in range(2, N_SITES):
+                files = sorted((root / f"site{k}" / "train").glob("*.h5"))
+                for f in files[max(1, round(0.2 * len(files))) :]:
+                    f.unlink()
+        return root
 
     # --- runs --------------------------------------------------------------------------
     def flat(self, root: Path, seed: int, **overrides: Any) -> dict[str, Any]:
