@@ -30,7 +30,7 @@ from recon.data.sample import Sample
 from recon.models import ModelConfig, Unrolled, build_model
 from recon.train.trainer import TrainConfig, evaluate, train
 
-Metrics = dict[str, float]
+SiteMetrics = dict[str, float]  # ssim, nrmse, psnr of one site (as_dict of recon.metrics.Metrics)
 SiteDirs = Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]]
 METHODS = ("zero_filled", "local_only", "centralized")
 
@@ -99,7 +99,7 @@ def _as_slices(
 
 def _evaluate_sites(
     model: Unrolled | None, data: SiteSlices, split: str, device: torch.device | str
-) -> dict[str, Metrics]:
+) -> dict[str, SiteMetrics]:
     return {s: evaluate(model, data.get(s, split), device).as_dict() for s in data.sites}
 
 
@@ -113,7 +113,7 @@ def zero_filled_metrics(
     device: torch.device | str = "cpu",
     data_kwargs: Mapping[str, Any] | None = None,
     split: str = "test",
-) -> dict[str, Metrics]:
+) -> dict[str, SiteMetrics]:
     """SSIM / NRMSE / PSNR of the zero-filled reconstruction on each site's ``split``."""
     data = _as_slices(site_dirs, data_kwargs)
     return _evaluate_sites(None, data, split, device)
@@ -131,7 +131,7 @@ def local_only(
     max_train_slices: int | None = None,
     split: str = "test",
     progress: bool | None = None,
-) -> dict[str, Metrics]:
+) -> dict[str, SiteMetrics]:
     """Train one model per site on that site alone; evaluate each on its own ``split``.
 
     Parameters
@@ -160,7 +160,7 @@ def local_only(
     data = _as_slices(site_dirs, data_kwargs, max_train_slices)
     cfg = train_cfg.model_copy(update={"steps": int(total_steps)})
     start = initial_model(model_cfg, train_cfg.seed, init_state).state_dict()
-    out: dict[str, Metrics] = {}
+    out: dict[str, SiteMetrics] = {}
     for site in _sites_bar(data.sites, "local-only", progress):
         model = build_model(model_cfg)
         model.load_state_dict(start)
@@ -182,7 +182,7 @@ def centralized(
     max_train_slices: int | None = None,
     split: str = "test",
     progress: bool | None = None,
-) -> dict[str, Metrics]:
+) -> dict[str, SiteMetrics]:
     """Train one model on the union of all sites' training slices; evaluate it on every site.
 
     ``total_steps`` has the meaning of :func:`local_only` (per-site local steps in the
@@ -212,13 +212,13 @@ def run_baselines(
     init_state: Mapping[str, torch.Tensor] | None = None,
     max_train_slices: int | None = None,
     progress: bool | None = None,
-) -> dict[str, dict[str, Metrics]]:
+) -> dict[str, dict[str, SiteMetrics]]:
     """The chosen baselines as ``{method: {site: metrics}}``, ready for ``results["final"]``."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(METHODS)}")
     data = SiteSlices(site_dirs, data_kwargs, max_train_slices)  # each split loaded once
-    out: dict[str, dict[str, Metrics]] = {}
+    out: dict[str, dict[str, SiteMetrics]] = {}
     if "zero_filled" in methods:
         out["zero_filled"] = zero_filled_metrics(data, device)
     common: dict[str, Any] = {"init_state": init_state, "progress": progress}
