@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from collections import namedtuple
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ from test_app_support import tiny_config, tiny_sites
 
 from fedunroll.dashboard import resolve_token
 from fedunroll.dashboard.app import COOKIE, RunsDir, create_app
+from fedunroll.dashboard.privacy import run_privacy
 from fedunroll.events import load_run, read_events, rejections_table, summarize
-from recon.config import parse_run_config
+from recon.config import RunConfig, parse_run_config
 from server.app import run_federation
 from server.events import EVENTS, RunEvents
-from strategies.protocol import to_numpy, to_record
+from server.privacy import budget_stop, privacy_summary, round_privacy
+from strategies.protocol import DP_EPSILON, DP_EPSILON_NEXT, to_numpy, to_record
 
 Rej = namedtuple("Rej", "round site reason phase")
 LOCAL = "http://127.0.0.1:8050"
@@ -331,6 +334,7 @@ def test_pages_and_api(runs) -> None:
     assert "http://" not in page.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     api = c.get("/api/runs/beta").json()
     assert api["status"] == "completed" and api["round"] == 3 and api["version"]
+    assert api["privacy"] is None and "ε (δ=" not in page.text  # no DP: no epsilon
     listing = c.get("/api/runs").json()["runs"]
     assert {r["id"] for r in listing} == {"alpha", "beta"}
     panel = c.get("/runs/alpha/panel")
@@ -498,6 +502,181 @@ def test_site_viewer_renders_pngs_on_the_site(root, tmp_path) -> None:
     assert c.get(f"/site/slice/{len(viewer)}.png").status_code == 404
     assert c.get("/runs/alpha").status_code == 404  # no run views here
     assert c.post("/").status_code == 405
+
+
+# --- differential privacy: epsilon on the run page, in the API and the comparison -----------
+DP = {"strategy.name": "fedavg", "dp.enabled": True, "dp.site-clip": 1.0,
+      "dp.site-noise-multiplier": 4.0, "dp.epsilon-budget": 3.0}  # fmt: skip
+# slice-level (epsilon, epsilon after one more round) each site reported, per round; site1's
+# round-2 train reply was rejected, so its latest epsilon is round 1's
+DP_REPLIES = {1: {"site0": (1.5, 2.25), "site1": (1.25, 1.75)}, 2: {"site0": (2.25, 3.5)}}
+
+
+def _dp_run() -> tuple[dict[str, Any], dict[int, dict[str, Any]], str, dict[str, Any]]:
+    """(flat config, {round: round_privacy(...)}, the budget's stop reason, results.json's
+    privacy section), made by the server's own functions (server/privacy.py)."""
+    flat = {**RunConfig().flat(), **DP, "num-server-rounds": 4}
+    cfg = parse_run_config(flat)
+    privacy = {
+        r: round_privacy(
+            cfg, r, {s: {DP_EPSILON: e, DP_EPSILON_NEXT: n} for s, (e, n) in x.items()}
+        )
+        for r, x in DP_REPLIES.items()
+    }
+    records = [{"round": r, **p} for r, p in privacy.items()]
+    stopped = budget_stop(cfg, records)
+    assert stopped is not None and "> dp.epsilon-budget 3" in stopped  # 3.5 > 3
+    return flat, privacy, stopped, privacy_summary(cfg, records, stopped)
+
+
+def _dp_events(flat: dict[str, Any], privacy: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`_events_of_a_run` (live in round 3) with DP: its config, and the privacy dict in
+    each round-finished event (as server/events.py writes the round record)."""
+    events = _events_of_a_run()
+    events[0] = {**events[0], "config": flat}
+    return [{**e, **privacy[e["round"]]} if e["type"] == "round-finished" else e for e in events]
+
+
+def _write_run(runs: Path, name: str, events: list[dict[str, Any]] | None = None,
+               results: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    run = runs / name
+    run.mkdir(parents=True)
+    if events is not None:
+        (run / EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events))
+    if results is not None:
+        (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def _dp_results(flat: dict[str, Any], privacy: dict[int, dict[str, Any]], section: Any) -> Any:
+    """A results.json (schema of server/results.py) of the DP run, stopped after round 2."""
+    rounds = [
+        {"round": r, **privacy[r], "seconds": 5.0, "bytes_sent": 400, "bytes_received": 200,
+         "train": {s: {"loss": None, "num-examples": 4, "seconds": 2.0} for s in DP_REPLIES[r]},
+         "eval": {"site0": {"ssim": 0.6, "nrmse": 0.2, "psnr": 21.0, "num-examples": 4}},
+         "rejected": [] if r == 1 else [{"site": "site1", "reason": "non-finite arrays"}]}
+        for r in (1, 2)
+    ]  # fmt: skip
+    final = {"federated": {"site0": {"ssim": 0.7, "nrmse": 0.2, "psnr": 22.0}}, "zero_filled": {}}
+    return {
+        "schema": "fedunroll.results/1",
+        "name": "x",
+        "config": flat,
+        "sites": ["site0", "site1"],
+        "rounds": rounds,
+        "final": final,
+        "status": "completed",
+        "timings": {"total_seconds": 12.0, "rounds_seconds": 10.0},
+        "privacy": section,
+    }
+
+
+@pytest.fixture
+def dp_runs(tmp_path) -> tuple[Path, dict[str, Any]]:
+    """dp-live (events, live in round 3), dp-done (events + results.json: the budget stopped
+    it after round 2), dp-results (results.json only), dp-stale (finished events, results.json
+    of another attempt), plain (events, no DP)."""
+    flat, privacy, stopped, section = _dp_run()
+    runs = tmp_path / "runs"
+    events = _dp_events(flat, privacy)
+    done = [*events[:-1], {"v": 1, "t": 1021.0, "type": "run-finished", "status": "completed"}]
+    _write_run(runs, "dp-live", events)
+    _write_run(runs, "dp-done", done, _dp_results(flat, privacy, section))
+    _write_run(runs, "dp-results", None, _dp_results(flat, privacy, section))
+    _write_run(runs, "dp-stale", done, _dp_results(flat, privacy, {**section, "rounds": 5}))
+    _write_run(runs, "plain", _events_of_a_run())
+    site_level = [privacy[r]["privacy"]["site_level_epsilon"] for r in (1, 2)]
+    return runs, {"stopped": stopped, "site_level": site_level}
+
+
+def _row(html: str, site: str) -> str:
+    start = html.index(f'<tr data-site="{site}"')
+    return html[start : html.index("</tr>", start)]
+
+
+def _fact(html: str, label: str) -> str:
+    """The value of a row of the Privacy panel's table."""
+    start = html.index(f'<th scope="row">{label}</th><td>') + len(
+        f'<th scope="row">{label}</th><td>'
+    )
+    return html[start : html.index("</td>", start)]
+
+
+def test_epsilon_of_a_live_dp_run(dp_runs) -> None:
+    runs, want = dp_runs
+    c = _client(runs)
+    page = c.get("/runs/dp-live").text
+    assert '"eps" title="slice-level epsilon' in page and "ε (δ=1e-05)</th>" in page
+    assert _row(page, "site0").endswith('<td class="eps">2.25</td>')
+    assert _row(page, "site1").endswith('<td class="eps">1.25</td>')  # its last accepted reply
+    assert "<h3>Privacy</h3>" in page
+    assert _fact(page, "protection") == "slice-level DP-SGD + site-level DP"
+    assert _fact(page, "accountant") == "rdp" and _fact(page, "δ") == "1e-05 per site"
+    assert _fact(page, "ε budget") == "3"
+    assert _fact(page, "max ε so far, slice-level (after round 2)") == "2.25"
+    assert _fact(page, "max ε after one more round") == "3.5"
+    assert _fact(page, "site-level ε (after round 2)") == f"{want['site_level'][1]:.3g}"
+    assert 'id="chart-epsilon"' in page and 'id="chart-site-epsilon"' in page
+    chart = page[page.index('id="chart-epsilon"') :]
+    assert 'data-series="site0" data-points="2"' in chart
+    assert 'data-series="site1" data-points="1"' in chart
+    assert "Stopped early" not in page  # a live run has no stop reason yet
+    api = c.get("/api/runs/dp-live").json()["privacy"]
+    assert api["epsilon"] == {"site0": 2.25, "site1": 1.25}
+    assert (api["epsilon_max"], api["epsilon_next_max"], api["round"]) == (2.25, 3.5, 2)
+    assert api["curves"]["epsilon"] == {"site0": [[1, 1.5], [2, 2.25]], "site1": [[1, 1.25]]}
+    assert [p[1] for p in api["curves"]["site_level"]] == pytest.approx(want["site_level"])
+    assert api["site_level_epsilon"] == pytest.approx(want["site_level"][1])
+    assert (api["delta"], api["accountant"], api["epsilon_budget"]) == (1e-5, "rdp", 3.0)
+    assert api["stopped"] is None and api["slice_level"] and api["site_level"]
+    listing = {r["id"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert listing["dp-live"]["epsilon_max"] == 2.25 and listing["plain"]["epsilon_max"] is None
+    # the panel the page swaps in while the run lives carries the same
+    assert "ε (δ=1e-05)</th>" in c.get("/runs/dp-live/panel").text
+    # resumed from the checkpoint of round 1: round 2's epsilon is gone with the round
+    run = runs / "dp-live"
+    with open(run / EVENTS, "a") as f:
+        f.write(json.dumps({"v": 1, "t": 1030.0, "type": "run-started", "round": 1}) + "\n")
+    p = run_privacy(run, load_run(run))
+    assert p is not None and p["round"] == 1 and p["epsilon"] == {"site0": 1.5, "site1": 1.25}
+
+
+def test_epsilon_and_stop_reason_of_finished_dp_runs(dp_runs) -> None:
+    runs, want = dp_runs
+    c = _client(runs)
+    for name in ("dp-done", "dp-results"):  # from events + results.json, from results.json
+        page = c.get(f"/runs/{name}").text
+        assert _row(page, "site0").endswith('<td class="eps">2.25</td>'), name
+        assert _row(page, "site1").endswith('<td class="eps">1.25</td>'), name
+        assert _fact(page, "max ε so far, slice-level (after round 2)") == "2.25"
+        assert "max ε after one more round" not in page  # only while the run lives
+        # the reason, escaped (it holds a ">")
+        assert f"<strong>Stopped early:</strong> {escape(want['stopped'])}</p>" in page
+        assert "&gt; dp.epsilon-budget 3" in page and "> dp.epsilon-budget" not in page
+        api = c.get(f"/api/runs/{name}").json()["privacy"]
+        assert api["stopped"] == want["stopped"] and api["epsilon_max"] == 2.25
+        assert api["epsilon"] == {"site0": 2.25, "site1": 1.25}
+        assert api["site_level_epsilon"] == pytest.approx(want["site_level"][1])
+    assert c.get("/api/runs/dp-results").json()["source"] == "results"
+    # a results.json that is not of these rounds (an earlier attempt) is not believed
+    stale = c.get("/api/runs/dp-stale").json()["privacy"]
+    assert stale["stopped"] is None and stale["epsilon_max"] == 2.25
+
+
+def test_no_epsilon_without_dp_and_the_comparison(dp_runs) -> None:
+    runs, _ = dp_runs
+    c = _client(runs)
+    page = c.get("/runs/plain").text
+    assert "ε" not in page and "<h3>Privacy</h3>" not in page and 'class="eps"' not in page
+    assert c.get("/api/runs/plain").json()["privacy"] is None
+    assert "privacy-compare" not in c.get("/compare", params={"a": "plain", "b": "plain"}).text
+    both = c.get("/compare", params={"a": "dp-done", "b": "plain"}).text
+    table = both[both.index('<table class="privacy-compare">') :]
+    table = table[: table.index("</table>")]
+    assert "<th>dp-done</th><th>plain</th>" in table
+    assert '<th scope="row">max ε, slice-level</th><td>2.25 (round 2)</td><td>no DP</td>' in table
+    assert '<th scope="row">δ</th><td>1e-05</td><td>–</td>' in table
+    assert 'id="a-chart-epsilon"' in both and 'id="b-chart-epsilon"' not in both
 
 
 # --- in a browser (headless Chromium) -------------------------------------------------------------

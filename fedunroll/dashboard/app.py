@@ -4,11 +4,12 @@ Routes (GET and HEAD only; any other method is 405, so nothing can change a run)
 
     /                          the runs (live and finished) and a compare form
     /runs/{run}                one run: progress and ETA, sites, curves, round time,
-                               rejections, config; updated live
+                               privacy (epsilon), rejections, config; updated live
     /runs/{run}/panel          the run's panel alone (HTML; what the page swaps in)
     /compare?a=RUN&b=RUN       two runs side by side with their config differences
     /api/runs                  JSON: the runs and their summaries
-    /api/runs/{run}            JSON: one run's summary (``fedunroll.events.summarize``)
+    /api/runs/{run}            JSON: one run's summary (``fedunroll.events.summarize``) and
+                               its ``privacy`` (``fedunroll.dashboard.privacy``; null without DP)
     /api/runs/{run}/stream     server-sent events: the run's version whenever its files change
     /static/...                the package's stylesheet and script (no external asset)
 
@@ -46,6 +47,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from fedunroll.dashboard import render
+from fedunroll.dashboard.privacy import run_privacy
 from fedunroll.events import EVENTS, RESULTS, is_run_dir, load_run
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -247,9 +249,11 @@ def _run_routes(runs: RunsDir) -> list[Route]:
             return None
         version = runs.version(run_id)
         try:
-            return load_run(path), version
+            s = load_run(path)
         except FileNotFoundError:
             return None
+        s["privacy"] = run_privacy(path, s)  # None without DP (README "Privacy")
+        return s, version
 
     def not_found(run_id: str) -> Response:
         return PlainTextResponse(f"no run {run_id[:80]!r} here", status_code=404)
@@ -305,6 +309,7 @@ def _run_routes(runs: RunsDir) -> list[Route]:
                         "rounds": s["rounds"],
                         "sites": list(s["sites"]),
                         "updated": s["updated"],
+                        "epsilon_max": (s["privacy"] or {}).get("epsilon_max"),
                     }
                 )
         return JSONResponse({"runs": out})

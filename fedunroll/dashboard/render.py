@@ -73,6 +73,19 @@ def nbytes(value: Any) -> str:
     return f"{int(value)} B"
 
 
+def eps(value: Any) -> str:
+    """An epsilon (3 significant digits, as ``fedunroll report``); ``–`` when unknown."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "–"
+    return f"{value:.3g}"
+
+
+def delta(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "?"
+    return f"{value:g}"
+
+
 def ago(t: Any, now: float | None = None) -> str:
     if not isinstance(t, int | float):
         return "–"
@@ -141,10 +154,19 @@ def _progress(s: Mapping[str, Any]) -> str:
     )
 
 
+def _slice_privacy(s: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The run's privacy dict when it has slice-level DP (the site table's epsilon column)."""
+    p = s.get("privacy")
+    return p if isinstance(p, Mapping) and p.get("slice_level") else None
+
+
 def _site_table(s: Mapping[str, Any]) -> str:
     rows = []
+    privacy = _slice_privacy(s)
+    eps_of = privacy.get("epsilon", {}) if privacy else {}
     for i, (name, st) in enumerate(s["sites"].items()):
         rej = st["rejections"]
+        eps_cell = f'<td class="eps">{eps(eps_of.get(name))}</td>' if privacy else ""
         rows.append(
             f'<tr data-site="{escape(name)}" data-status="{escape(st["status"])}">'
             f'<td><span class="swatch" data-color="{i % 10}"></span>{escape(name)}</td>'
@@ -153,16 +175,21 @@ def _site_table(s: Mapping[str, Any]) -> str:
             f"<td>{num(st['loss'])}</td><td>{num(st['ssim'])}</td><td>{num(st['nrmse'])}</td>"
             f"<td>{num(st['psnr'], 2)}</td><td>{num(st['seconds'], 1)}</td>"
             f"<td>{nbytes(st['bytes'])}</td>"
-            f'<td class="{"bad" if rej else ""}">{rej}</td></tr>'
+            f'<td class="{"bad" if rej else ""}">{rej}</td>{eps_cell}</tr>'
         )
     if not rows:
         return '<p class="empty">No site has replied yet.</p>'
+    eps_head = (
+        f'<th class="eps" title="slice-level epsilon from the site\'s last accepted train reply">'
+        f"ε (δ={escape(delta(privacy.get('delta')))})</th>"
+        if privacy
+        else ""
+    )
     return (
         '<table class="sites"><thead><tr><th>site</th><th>status</th><th>last round</th>'
         "<th>train loss</th><th>val SSIM</th><th>val NRMSE</th><th>val PSNR</th>"
-        "<th>train s</th><th>bytes up (total)</th><th>rejections</th></tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table>"
+        "<th>train s</th><th>bytes up (total)</th><th>rejections</th>"
+        f"{eps_head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
 
 
@@ -210,6 +237,66 @@ def _breakdown(s: Mapping[str, Any]) -> str:
         else ""
     )
     return f'<div class="breakdown">{chart}{table}</div>'
+
+
+def _privacy(s: Mapping[str, Any], prefix: str) -> str:
+    """The Privacy panel (only for a run with DP): what the figures mean, the largest epsilon so
+    far, the site-level epsilon, epsilon against the round per site, why the budget stopped
+    the run."""
+    p = s.get("privacy")
+    if not isinstance(p, Mapping):
+        return ""
+    facts: list[tuple[str, str]] = []
+    kinds = ["slice-level DP-SGD"] if p.get("slice_level") else []
+    kinds += ["site-level DP"] if p.get("site_level") else []
+    facts.append(("protection", " + ".join(kinds)))
+    facts.append(("accountant", str(p.get("accountant") or "?")))
+    facts.append(("δ", delta(p.get("delta")) + (" per site" if p.get("slice_level") else "")))
+    budget = p.get("epsilon_budget")
+    facts.append(("ε budget", eps(budget) if budget is not None else "none"))
+    after = f" (after round {p['round']})" if isinstance(p.get("round"), int) else ""
+    if p.get("slice_level"):
+        facts.append((f"max ε so far, slice-level{after}", eps(p.get("epsilon_max"))))
+        if s.get("live") and p.get("epsilon_next_max") is not None:
+            facts.append(("max ε after one more round", eps(p.get("epsilon_next_max"))))
+    if p.get("site_level"):
+        facts.append((f"site-level ε{after}", eps(p.get("site_level_epsilon"))))
+    rows = "".join(
+        f'<tr><th scope="row">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts
+    )
+    table = f'<table class="privacy">{rows}</table>'
+    stopped = p.get("stopped")
+    stop = (
+        f'<p class="stopped"><strong>Stopped early:</strong> {escape(stopped)}</p>'
+        if isinstance(stopped, str) and stopped
+        else ""
+    )
+    charts = []
+    curves = p.get("curves") or {}
+    if p.get("slice_level"):
+        order = list(s["sites"]) + sorted(set(curves.get("epsilon", {})) - set(s["sites"]))
+        colors = {name: color(i) for i, name in enumerate(order)}
+        series = {site: curves["epsilon"][site] for site in order if site in curves["epsilon"]}
+        charts.append(
+            line_chart(
+                f"slice-level ε per site (δ={delta(p.get('delta'))})",
+                series,
+                colors=colors,
+                chart_id=f"{prefix}chart-epsilon",
+            )
+        )
+    if p.get("site_level"):
+        charts.append(
+            line_chart(
+                "site-level ε",
+                {"site-level": curves.get("site_level") or []},
+                chart_id=f"{prefix}chart-site-epsilon",
+            )
+        )
+    return (
+        f'<h3>Privacy</h3><div class="privacy">{stop}{table}'
+        f'<div class="charts">{"".join(charts)}</div></div>'
+    )
 
 
 def _rejections(s: Mapping[str, Any]) -> str:
@@ -274,6 +361,7 @@ def panel_inner(run_id: str, s: Mapping[str, Any], prefix: str = "") -> str:
         f"<h3>Sites</h3>{_site_table(s)}"
         f"<h3>Per-site metrics vs round</h3>{_charts(s, prefix)}"
         f"<h3>Round time</h3>{_breakdown(s)}"
+        f"{_privacy(s, prefix)}"
         f"<h3>Rejected replies</h3>{_rejections(s)}"
         f"{_final(s)}"
         f"<h3>Run config</h3>{config_table(s['config'])}"
@@ -312,12 +400,50 @@ def compare_page(
         else "<p>Same run config.</p>"
     )
     body = (
-        f"<h2>Config differences</h2>{diff_html}"
+        f"<h2>Config differences</h2>{diff_html}{_privacy_compare(a, b)}"
         '<div class="side-by-side">'
         f"{panel(ida, sa, va, 'a-')}{panel(idb, sb, vb, 'b-')}"
         "</div>"
     )
     return page(f"{ida} vs {idb}", body, live=True)
+
+
+def _privacy_compare(
+    a: tuple[str, Mapping[str, Any], str], b: tuple[str, Mapping[str, Any], str]
+) -> str:
+    """The two runs' largest epsilon so far, when either has DP ("no DP" for the other)."""
+    (ida, sa, _), (idb, sb, _) = a, b
+    pa, pb = sa.get("privacy"), sb.get("privacy")
+    if not isinstance(pa, Mapping) and not isinstance(pb, Mapping):
+        return ""
+
+    def cell(p: Any, key: str, on: str) -> str:
+        if not isinstance(p, Mapping):
+            return "no DP"
+        if not p.get(on):
+            return "off"
+        return eps(p.get(key)) + (
+            f" (round {p['round']})" if isinstance(p.get("round"), int) else ""
+        )
+
+    def dlt(p: Any) -> str:
+        return delta(p.get("delta")) if isinstance(p, Mapping) else "–"
+
+    rows = [
+        ("max ε, slice-level", cell(pa, "epsilon_max", "slice_level"),
+         cell(pb, "epsilon_max", "slice_level")),
+        ("site-level ε", cell(pa, "site_level_epsilon", "site_level"),
+         cell(pb, "site_level_epsilon", "site_level")),
+        ("δ", dlt(pa), dlt(pb)),
+    ]  # fmt: skip
+    body = "".join(
+        f'<tr><th scope="row">{escape(k)}</th><td>{escape(x)}</td><td>{escape(y)}</td></tr>'
+        for k, x, y in rows
+    )
+    return (
+        '<h2>Privacy</h2><table class="privacy-compare"><thead><tr><th></th>'
+        f"<th>{escape(ida)}</th><th>{escape(idb)}</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 # ----------------------------------------------------------------------------- one site (local)
