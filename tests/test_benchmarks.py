@@ -86,3 +86,27 @@ def test_reproduce_quick_writes_every_section(tmp_path: Path) -> None:
     assert all(d["verdict"] for d in report["directions"]) and report["wall_seconds"] > 0
     assert "| claim |" in (tmp_path / "reproduce_quick.md").read_text()
     assert (tmp_path / "reproduce_quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_privacy_quick_runs_the_default_federation(tmp_path: Path) -> None:
+    from recon.config import RunConfig
+
+    out = tmp_path / "privacy"
+    _run("benchmarks/bench_privacy.py", "--quick", "--seeds", "1", "--out", str(out))
+    data = json.loads(out.with_suffix(".json").read_text())
+    setup, default = data["setup"], RunConfig()
+    assert len(setup["sites"]) == default.data.num_sites  # the default federation's sites
+    assert setup["strategy_default"] == default.strategy.name
+    assert setup["strategy"] == default.strategy.name or setup["strategy_reason"]
+    assert setup["config"]["run.local-only"] is False
+    assert setup["total_steps"] == setup["rounds"] * setup["local_steps"]
+    assert [e["epsilon"] for e in data["table"]] == [1.0, 3.0, 8.0, None]
+    for entry in data["table"]:
+        assert len(entry["ssim_mean_per_seed"]) == 1 and entry["seconds"] > 0
+        if entry["epsilon"] is None:
+            assert entry["noise_multiplier"] is None and entry["epsilon_reached"] is None
+        else:
+            assert set(entry["epsilon_reached"]) == set(setup["sites"])
+            assert entry["epsilon"] * 0.9 <= entry["epsilon_reached_max"] <= entry["epsilon"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
