@@ -144,21 +144,14 @@ class Bench:
         return root
 
     def unequal_sites(self) -> Path:
-        """Four sites made more unequal than the default presets: the two small hospitals keep
-        20% of the slices and three times the k-space noise (GAutoMRI Fig. 8's setting of sites
-        that a size-weighted average serves unequally)."""
+        """The four default sites made more unequal: the two small hospitals (30% of a large
+        one's slices in the presets) also get three times the k-space noise (GAutoMRI Fig. 8's
+        setting of sites that a size-weighted average serves unequally)."""
         from recon.data.synth.presets import site_presets
 
         presets = site_presets()[:N_SITES]
         presets[2:] = [dataclasses.replace(p, noise=3 * p.noise) for p in presets[2:]]
-        fresh = not (self.work / "unequal").exists()
-        root = self.sites("unequal", presets=presets)
-        if fresh:  # the small hospitals keep 20% of their training files
-            for k in range(2, N_SITES):
-                files = sorted((root / f"site{k}" / "train").glob("*.h5"))
-                for f in files[max(1, round(0.2 * len(files))) :]:
-                    f.unlink()
-        return root
+        return self.sites("unequal", presets=presets)
 
     # --- runs --------------------------------------------------------------------------
     def flat(self, root: Path, seed: int, **overrides: Any) -> dict[str, Any]:

@@ -202,7 +202,7 @@ def _check_synthetic(dirs: list[Path], cfg: RunConfig) -> None:
         preset = info.get("preset", {})
         made = {
             "data.iid": bool(info.get("iid")),
-            "data.synth-slices": sum(info.get("slices", {}).values()),
+            "data.synth-slices": info.get("requested_slices", sum(info.get("slices", {}).values())),
             "data.synth-size": list(preset.get("matrix", [])),
             "data.synth-coils": preset.get("num_coils"),
         }

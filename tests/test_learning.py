@@ -16,8 +16,10 @@ from recon.data import SiteDataset, generate_sites
 from recon.models import build_model
 from recon.train import TrainConfig, evaluate, train
 
-# Observed on 2 CPU cores: +3.7 dB PSNR after 200 steps (22.06 vs 18.41 dB); the test demands 2 dB.
-PSNR_MARGIN_DB = 2.0
+# Observed on 2 CPU cores: +2.1 dB PSNR after 200 steps (20.30 vs 18.22 dB) on the brain T1 site
+# (textured tissues, 8 coils); the test demands 1.5 dB.
+PSNR_MARGIN_DB = 1.5
+HETEROGENEITY_DB = 0.6  # own-site model over the other site's model, at each site
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,31 @@ def test_modl_beats_zero_filled_on_held_out_slices(sites: Path, site0_model) -> 
 
 
 def test_sites_are_heterogeneous_enough_to_matter(sites: Path, site0_model) -> None:  # type: ignore[no-untyped-def]
-    """A model trained at one synthetic site gains clearly less at another (brain -> knee)."""
-    model, _ = site0_model
-    gains = {}
+    """A model trained at one synthetic site does clearly worse at another than that site's own
+    model, both ways (brain <-> knee): what makes federation across such sites non-trivial.
+
+    Gains over zero-filled are compared at the same test site (the two sites' zero-filled
+    baselines differ, so a gain at one site says nothing about the other)."""
+    model0, _ = site0_model
+    torch.manual_seed(0)
+    model1 = build_model(num_unrolls=3, cg_iters=3, unet_chans=8, unet_pools=2)
+    train(
+        model1,
+        SiteDataset(sites / "site1", split="train"),
+        TrainConfig(steps=200, lr=2e-3, seed=0),
+        progress=False,
+    )
+    psnr = {}
     for name in ("site0", "site1"):
         test_set = SiteDataset(sites / name, split="test")
-        gains[name] = evaluate(model, test_set)["psnr"] - evaluate(None, test_set)["psnr"]  # type: ignore[operator]
-    print(f"PSNR gain over zero-filled of the site0 model: {gains}")
-    assert gains["site0"] > gains["site1"] + 1.0
+        psnr[name] = {
+            m: evaluate(model, test_set)["psnr"]
+            for m, model in (("site0", model0), ("site1", model1))
+        }
+    print(f"test PSNR by test site, then training site: {psnr}")
+    # Observed on 2 CPU cores: +0.93 dB at site0, +1.18 dB at site1 for the own site's model.
+    assert psnr["site0"]["site0"] > psnr["site0"]["site1"] + HETEROGENEITY_DB  # type: ignore[operator]
+    assert psnr["site1"]["site1"] > psnr["site1"]["site0"] + HETEROGENEITY_DB  # type: ignore[operator]
 
 
 def test_training_is_reproducible_with_a_seed(sites: Path) -> None:

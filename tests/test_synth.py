@@ -13,7 +13,14 @@ import pytest
 
 from fedunroll.data import register
 from recon.data import SiteDataset, check_file, generate_sites, read_volume, scan_site, site_presets
-from recon.data.synth import SitePreset, get_preset, synth_volume
+from recon.data.synth import (
+    SitePreset,
+    coil_maps,
+    get_preset,
+    site_slices,
+    synth_volume,
+    tissue_signals,
+)
 from recon.physics.coils import np_ifft2c, np_rss
 
 
@@ -33,7 +40,8 @@ def test_layout_and_site_json(sites: Path) -> None:
         site = sites / f"site{k}"
         info = json.loads((site / "site.json").read_text())
         assert info["name"] == f"site{k}" and info["preset"]["matrix"] == [32, 32]
-        assert sum(info["slices"].values()) == 12
+        assert info["requested_slices"] == 12
+        assert sum(info["slices"].values()) == site_slices(SitePreset(**info["preset"]), 12)
         assert all(info["slices"][s] > 0 for s in ("train", "val", "test"))
         valid, errors = scan_site(site)
         assert errors == [] and len(valid) == sum(len(v) for v in info["files"].values())
@@ -158,3 +166,76 @@ def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     args = parser.parse_args(["synth", "--sites", "0", str(tmp_path / "z")])
     assert args.func(args) == 2
     assert "--sites" in capsys.readouterr().err
+
+
+def test_unequal_hospitals() -> None:
+    """The default four sites: two large hospitals and two small ones (Levac et al. 2023: the
+    low-data regime is where federation matters)."""
+    sizes = [site_slices(p, 50) for p in site_presets()[:4]]
+    assert sizes == [50, 50, 15, 15]
+    assert site_slices(get_preset("knee_pdfs_3t"), 4) == 3  # every split keeps a volume
+
+
+def test_contrast_from_signal_equations() -> None:
+    """Tissue intensities follow from PD / T1 / T2 and each site's TR / TE / TI."""
+    t1 = tissue_signals(get_preset("brain_t1_3t"))
+    assert t1["wm"] > t1["gm"] > t1["csf"] and t1["fat"] == 1.0
+    t2 = tissue_signals(get_preset("brain_t2_3t"))
+    assert t2["csf"] > t2["gm"] > t2["wm"]
+    flair = tissue_signals(get_preset("brain_flair_15t"))
+    assert flair["csf"] < 0.15 * flair["lesion"] and flair["lesion"] > flair["gm"] > flair["wm"]
+    post = tissue_signals(get_preset("brain_t1post_3t"))
+    assert post["rim"] > max(post["wm"], post["lesion"])  # gadolinium shortens T1
+    pd, pdfs = tissue_signals(get_preset("knee_pd_15t")), tissue_signals(get_preset("knee_pdfs_3t"))
+    assert pd["fat"] > 0.8 and pdfs["fat"] < 0.15 and pdfs["marrow"] < 0.4  # fat suppressed
+    assert pdfs["fluid"] == 1.0 and pdfs["edema"] > pdfs["cartilage"] > pdfs["meniscus"]
+    # the same tissue at 3T has a longer T1: less T1 signal at the same TR
+    at15 = tissue_signals(replace(get_preset("brain_t1_3t"), field_strength=1.5))
+    assert at15["wm"] / at15["csf"] != pytest.approx(t1["wm"] / t1["csf"], rel=0.01)
+
+
+def test_slices_are_textured() -> None:
+    """No flat piecewise-constant regions: white matter varies inside itself."""
+    p = replace(get_preset("brain_t1_3t"), noise=1e-9, bias=0.0, image_phase=0.0, gain=1.0)
+    _, rss, _ = synth_volume(p, 1, np.random.default_rng(0))
+    img = rss[0] / rss[0].max()
+    core = img[24:40, 20:44]  # mostly white matter, some grey
+    assert core.std() / core.mean() > 0.04
+
+
+def test_coil_model() -> None:
+    """Loops on a cylinder around the body part: the knee coil's sensitivity falls off along
+    the leg (the rows); maps are seeded and differ between coils."""
+    p = get_preset("knee_pd_15t")
+    maps = coil_maps(p, (64, 48), np.random.default_rng(0))
+    again = coil_maps(p, (64, 48), np.random.default_rng(0))
+    np.testing.assert_array_equal(maps, again)
+    rss = np_rss(maps)
+    assert rss[:4].mean() < 0.5 * rss[28:36].mean() and rss[-4:].mean() < 0.5 * rss[28:36].mean()
+    assert np.abs(maps[0] - maps[1]).mean() > 0.1 * np.abs(maps[0]).mean()
+    phase = np.angle(maps[0, 28:36, 16:32] * maps[0, 28:36, 16:32].conj().mean())
+    assert np.ptp(phase) > 0.05  # B1- carries a spatially varying phase
+
+
+def test_noise_is_correlated_across_coils() -> None:
+    """The noise covariance follows the coils' overlap: neighbouring coils correlate."""
+    p = replace(get_preset("knee_pdfs_3t"), gain=1.0)
+    noisy, _, _ = synth_volume(p, 1, np.random.default_rng(0))
+    clean, _, _ = synth_volume(replace(p, noise=1e-9), 1, np.random.default_rng(0))
+    n = (noisy - clean)[0].reshape(p.num_coils, -1)
+    corr = np.abs(np.corrcoef(n))
+    assert corr[~np.eye(p.num_coils, dtype=bool)].max() > 0.1
+
+
+def test_readout_oversampling_and_large_matrix() -> None:
+    """fastMRI-like 2x readout oversampling: k-space covers twice the FOV along H, the stored
+    RSS is the FOV; a 320 x 320 fastMRI-size matrix works."""
+    p = replace(get_preset("knee_pd_15t"), readout_os=2.0, matrix=(40, 48))
+    kspace, rss, _ = synth_volume(p, 2, np.random.default_rng(0))
+    assert kspace.shape == (2, p.num_coils, 80, 48) and rss.shape == (2, 40, 48)
+    full = np_rss(np_ifft2c(kspace))
+    np.testing.assert_allclose(full[:, 20:60], rss, rtol=1e-4)
+    assert full[:, :6].mean() < 0.3 * full[:, 20:60].mean()  # the leg fades before the edges
+    big = replace(get_preset("brain_t2_3t"), matrix=(320, 320))
+    kspace, rss, _ = synth_volume(big, 1, np.random.default_rng(0))
+    assert kspace.shape == (1, 8, 320, 320) and np.isfinite(rss).all()

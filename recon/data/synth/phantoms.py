@@ -20,10 +20,14 @@ from typing import Any
 import numpy as np
 
 
-def grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pixel-centre coordinates with isotropic pixels; the longer side spans [-1, 1)."""
+def grid(
+    shape: tuple[int, int], fov: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Pixel-centre coordinates with isotropic pixels; the longer side of ``fov`` (default
+    ``shape``) spans [-1, 1). A ``shape`` larger than ``fov`` extends the field of view with the
+    same pixels (readout oversampling)."""
     h, w = shape
-    m = max(h, w)
+    m = max(fov or shape)
     px = 2.0 / m
     y = (np.arange(h) - h / 2 + 0.5) * px
     x = (np.arange(w) - w / 2 + 0.5) * px
@@ -49,6 +53,30 @@ def smooth_noise(
     f = np.fft.ifft2(np.fft.fft2(white) * filt).real
     sd = f.std()
     return (f - f.mean()) / sd if sd > 0 else f
+
+
+def tissue_textures(
+    rng: np.random.Generator, shape: tuple[int, int], amount: float
+) -> dict[str, np.ndarray]:
+    """Multiplicative texture fields ``1 + amount * field`` per kind of tissue, ``[H, W]`` each.
+
+    Three zero-mean random fields at three scales (about 1, 3 and ``max(shape) / 12`` pixels)
+    mixed per kind: ``fine`` (grainy: grey matter, cartilage), ``cells`` (lobular fat, deep
+    nuclei), ``fibres`` (white matter: streaky, anisotropic), ``smooth`` (slow variation only:
+    fluid and CSF are homogeneous) and ``trabecular`` (marrow: strong fine structure).
+    """
+    fine = smooth_noise(rng, shape, 1.0)
+    mid = smooth_noise(rng, shape, 3.0)
+    coarse = smooth_noise(rng, shape, max(shape) / 12)
+    streak = smooth_noise(rng, shape, 2.0, aniso=(1.8, 0.5))
+    mixes = {
+        "fine": 0.6 * fine + 0.5 * mid + 0.4 * coarse,
+        "cells": 0.3 * fine + 1.0 * mid + 0.4 * coarse,
+        "fibres": 0.3 * fine + 0.8 * streak + 0.5 * coarse,
+        "smooth": 0.3 * coarse,
+        "trabecular": 1.4 * fine + 0.6 * mid + 0.3 * coarse,
+    }
+    return {k: np.clip(1 + amount * v, 0.3, 2.0) for k, v in mixes.items()}
 
 
 def _harmonics(
@@ -137,13 +165,14 @@ def brain_slice(
     th = subj["tilt"]
     u = X * math.cos(th) + Y * math.sin(th) - subj["shift"][0]  # head frame
     v = -X * math.sin(th) + Y * math.cos(th) - subj["shift"][1]
-    tex = smooth_noise(rng, shape, 1.2)
+    tx = tissue_textures(rng, shape, texture)
+    csf = t["csf"] * tx["smooth"]
     img = np.zeros(shape)
-    img = _paint(img, blob(u, v, 0, 0, A, B, e, harm=h), t["fat"] * (1 + 2 * texture * tex))
+    img = _paint(img, blob(u, v, 0, 0, A, B, e, harm=h), t["fat"] * tx["cells"])
     img = _paint(img, blob(u, v, 0, 0, A, B, e, harm=h, grow=-0.045), t["bone"])
-    img = _paint(img, blob(u, v, 0, 0, A, B, e, harm=h, grow=-0.075), t["csf"])
+    img = _paint(img, blob(u, v, 0, 0, A, B, e, harm=h, grow=-0.075), csf)
     brain = blob(u, v, 0, 0, A, B, e, harm=h, grow=-0.095)
-    img = _paint(img, brain, t["gm"])
+    img = _paint(img, brain, t["gm"] * tx["fine"])
     # gyri: white-matter fingers where cos(n phi + psi) > 0; sulci (CSF) in the troughs between
     n = subj["gyri"]
     phi = np.arctan2(v / B, u / A)
@@ -151,29 +180,30 @@ def brain_slice(
     gyr = np.cos(wave)
     depth = subj["cortex"] * s
     wm = blob(u, v, 0, 0, A, B, e, harm=h, grow=-0.095 - depth + 0.6 * depth * gyr)
-    img = _paint(img, wm, t["wm"])
+    img = _paint(img, wm, t["wm"] * tx["fibres"])
     width = 0.9 * px * n / (0.8 * (A + B) / 2)  # about one pixel wide at the cortex
     sulci = np.exp(-((np.sin(wave) / width) ** 2)) * (gyr < 0) * np.clip(brain - wm, 0, 1)
     sulci *= np.clip(0.75 + 0.35 * smooth_noise(rng, shape, max(shape) / 10), 0.2, 1.0)
-    img = _paint(img, 0.85 * sulci, t["csf"])
+    img = _paint(img, 0.85 * sulci, csf)
     # interhemispheric fissure (front and back)
     fissure = np.exp(-((u / (0.9 * px)) ** 2)) * (np.abs(v) > 0.35 * B) * brain
-    img = _paint(img, 0.9 * fissure, t["csf"])
+    img = _paint(img, 0.9 * fissure, csf)
     if -0.45 < z < 0.35:  # basal ganglia and thalami
+        deep = t["deep"] * tx["cells"]
         for sx in (-1, 1):
             img = _paint(
-                img, blob(u, v, sx * 0.2 * s, -0.05, 0.06 * s, 0.12 * s, e, sx * 0.3), t["deep"]
+                img, blob(u, v, sx * 0.2 * s, -0.05, 0.06 * s, 0.12 * s, e, sx * 0.3), deep
             )
-            img = _paint(img, blob(u, v, sx * 0.085 * s, 0.12, 0.065 * s, 0.08 * s, e), t["deep"])
+            img = _paint(img, blob(u, v, sx * 0.085 * s, 0.12, 0.065 * s, 0.08 * s, e), deep)
     if -0.35 < z < 0.5:  # lateral ventricles (butterfly), bigger in the middle
         vs = subj["vent"] * math.sqrt(max(0.0, 1 - ((z - 0.1) / 0.45) ** 2))
         if vs > 0.1:
             for sx in (-1, 1):
                 m = blob(u, v, sx * 0.085 * s, -0.05, 0.04 * vs * s + px, 0.2 * s, e, -sx * 0.18)
-                img = _paint(img, m, t["csf"])
+                img = _paint(img, m, csf)
                 if -0.1 < z < 0.3:  # occipital horns
                     m = blob(u, v, sx * 0.13 * s, 0.22, 0.03 * vs * s + px, 0.08 * s, e, sx * 0.5)
-                    img = _paint(img, m, t["csf"])
+                    img = _paint(img, m, csf)
     for lx, ly, lz, lr, enh in subj["lesions"]:
         r2 = lr**2 - (z - lz) ** 2
         if r2 <= (1.2 * px) ** 2:
@@ -182,14 +212,14 @@ def brain_slice(
         les = blob(u, v, lx * A, ly * B, r, 0.8 * r, e, harm=_harmonics(rng, (3, 4), 0.15))
         les = les * brain
         if t["rim"] != t["lesion"] and enh:  # ring enhancement (T1POST)
-            img = _paint(img, les, t["rim"])
+            img = _paint(img, les, t["rim"] * tx["fine"])
             inner = blob(
                 u, v, lx * A, ly * B, max(r - 1.5 * px, px), 0.8 * max(r - 1.5 * px, px), e
             )
-            img = _paint(img, inner * brain, t["lesion"])
+            img = _paint(img, inner * brain, t["lesion"] * tx["fine"])
         else:
-            img = _paint(img, les, t["lesion"])
-    return img * (1 + texture * tex * (img > 0.05))
+            img = _paint(img, les, t["lesion"] * tx["fine"])
+    return img
 
 
 def knee_subject(rng: np.random.Generator) -> dict[str, Any]:
@@ -218,13 +248,13 @@ def knee_subject(rng: np.random.Generator) -> dict[str, Any]:
 
 def _bone(
     img: np.ndarray, parts: list[np.ndarray], parts_inner: list[np.ndarray], t: dict[str, float],
-    trab: np.ndarray, texture: float,
+    marrow: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Paint a bone as cortex (outer union) then marrow (inner union); returns (img, bone mask)."""
     outer = np.max(np.stack(parts), axis=0)
     inner = np.max(np.stack(parts_inner), axis=0)
     img = _paint(img, outer, t["cortex"])
-    img = _paint(img, inner, t["marrow"] * (1 + 1.5 * texture * trab))
+    img = _paint(img, inner, marrow)
     return img, outer
 
 
@@ -240,19 +270,19 @@ def knee_slice(
     u = X * math.cos(th) + Y * math.sin(th) - subj["shift"][0]
     v = -X * math.sin(th) + Y * math.cos(th) - subj["shift"][1]
     wz = math.sqrt(max(0.2, 1 - 0.6 * z**2))  # bones narrower at the front and back
-    tex = smooth_noise(rng, shape, 1.2)
+    tx = tissue_textures(rng, shape, texture)
     stri = smooth_noise(rng, shape, 1.0, aniso=(1.6, 0.25))  # fibres along the leg
-    trab = smooth_noise(rng, shape, 0.8)
+    marrow = t["marrow"] * tx["trabecular"]
     img = np.zeros(shape)
     h = subj["harm"]
-    img = _paint(img, blob(u, v, 0, 0, 0.68 * sc, 1.8, e, harm=h), t["fat"] * (1 + texture * tex))
+    img = _paint(img, blob(u, v, 0, 0, 0.68 * sc, 1.8, e, harm=h), t["fat"] * tx["cells"])
     img = _paint(
         img, blob(u, v, 0, 0, 0.6 * sc, 1.75, e, harm=h), t["muscle"] * (1 + 3 * texture * stri)
     )
     # joint fluid band (effusion), painted before the bones so that only the gaps keep it
     gap = subj["gap"]
     fl = blob(u, v, 0, 0.02, 0.45 * sc * wz, 0.05 + 0.07 * subj["effusion"], e)
-    img = _paint(img, fl, t["fluid"])
+    img = _paint(img, fl, t["fluid"] * tx["smooth"])
     c = subj["condyle"] * sc
     cx = 0.2 * sc * wz
     fy = -0.01 - gap / 2  # bottom of the femoral condyles
@@ -269,7 +299,7 @@ def knee_slice(
     # articular cartilage: shells of the bones near the joint line
     win = np.exp(-(((v - 0.01) / 0.17) ** 2))
     thick = 0.03 + 0.01 * wz
-    img = _cartilage(img, u, v, e, sc, wz, fy, ty, c, cx, thick, win, t)
+    img = _cartilage(img, u, v, e, sc, wz, fy, ty, c, cx, thick, win, t["cartilage"] * tx["fine"])
     notch = blob(u, v, 0, fy - 0.06, subj["notch"] * sc, 0.13, e)
     # femur: cortex then marrow (eroded by the cortical thickness), minus the notch
     femur_in = [
@@ -278,13 +308,13 @@ def knee_slice(
     ] + [blob(u, v, sx * cx, fy - c, c * wz, c, e, grow=-0.02) for sx in (-1, 1)]
     femur = [p * (1 - notch) for p in femur]
     femur_in = [p * (1 - notch) for p in femur_in]
-    img, _ = _bone(img, femur, femur_in, t, trab, texture)
+    img, _ = _bone(img, femur, femur_in, t, marrow)
     tibia_in = [
         blob(u, v, 0, ty + 0.24, 0.44 * sc * wz, 0.24, e, power=3.5, grow=-0.02),
         blob(u, v, 0, 1.0, 0.24 * sc, 0.7, e, power=3, grow=-0.035),
         blob(u, v, 0, ty + 0.01, 0.05 * sc, 0.04, e, grow=-0.015),
     ]
-    img, _ = _bone(img, tibia, tibia_in, t, trab, texture)
+    img, _ = _bone(img, tibia, tibia_in, t, marrow)
     if subj["fibula"] and z > -0.2:
         fx = 0.46 * sc
         img, _ = _bone(
@@ -292,14 +322,13 @@ def knee_slice(
             [blob(u, v, fx, ty + 0.45, 0.08 * sc, 0.3, e)],
             [blob(u, v, fx, ty + 0.45, 0.08 * sc, 0.3, e, grow=-0.025)],
             t,
-            trab,
-            texture,
+            marrow,
         )
     if subj["bruise"] is not None:
         bx, by, br = subj["bruise"]
         bone_in = np.max(np.stack(femur_in + tibia_in), axis=0)
         m = blob(u, v, bx, by, br, 0.7 * br, e, harm=_harmonics(rng, (3, 5), 0.2)) * bone_in
-        img = _paint(img, m, t["edema"])
+        img = _paint(img, m, t["edema"] * tx["cells"])
     for sx in (-1, 1):  # menisci (dark wedges) and collateral ligaments
         img = _paint(
             img, blob(u, v, sx * 0.41 * sc * wz, 0.0, 0.08 * sc, 0.035, e, sx * 0.1), t["meniscus"]
@@ -313,15 +342,15 @@ def knee_slice(
             blob(u, v, 0.01, fy + 0.02, 0.022, 0.13, e, 0.45 * np.sign(z + 1e-3)),
             t["ligament"],
         )
-    return img * (1 + 0.5 * texture * tex * (img > 0.05))
+    return img
 
 
 def _cartilage(
     img: np.ndarray, u: np.ndarray, v: np.ndarray, e: float, sc: float, wz: float, fy: float,
-    ty: float, c: float, cx: float, thick: float, win: np.ndarray, t: dict[str, float],
+    ty: float, c: float, cx: float, thick: float, win: np.ndarray, value: np.ndarray,
 ) -> np.ndarray:  # fmt: skip
     """Articular cartilage: the bones grown by ``thick``, kept near the joint line."""
     grown = [blob(u, v, sx * cx, fy - c, c * wz, c, e, grow=thick) for sx in (-1, 1)]
     grown.append(blob(u, v, 0, ty + 0.24, 0.44 * sc * wz, 0.24, e, power=3.5, grow=thick))
     m = np.max(np.stack(grown), axis=0) * win
-    return _paint(img, m, t["cartilage"])
+    return _paint(img, m, value)

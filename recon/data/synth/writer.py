@@ -4,7 +4,9 @@
     out_dir/site{k}/{train,val,test}/site{k}_vol{v:03d}.h5   kspace [S, C, H, W] complex64,
                                                              reconstruction_rss [S, H, W]
 
-Volumes are split 70/15/15 by volume, so no subject is in two splits.
+Volumes are split 70/15/15 by volume, so no subject is in two splits. Hospitals differ in size:
+a site gets ``preset.size`` times the requested slices (``site.json``: ``slices`` per split and
+``requested_slices``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from recon.data.synth.presets import SitePreset, get_preset, jitter_tissues, sit
 from recon.data.synth.scanner import synth_volume
 from recon.fileio import atomic_write_json
 
-GENERATOR = "fedunroll.synth/1"
+GENERATOR = "fedunroll.synth/2"
 
 _HEADER = """<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
@@ -35,7 +37,7 @@ _HEADER = """<?xml version="1.0" encoding="utf-8"?>
     <institutionName>{site}</institutionName>
   </acquisitionSystemInformation>
   <encoding>
-    <encodedSpace><matrixSize><x>{h}</x><y>{w}</y><z>1</z></matrixSize></encodedSpace>
+    <encodedSpace><matrixSize><x>{h_enc}</x><y>{w}</y><z>1</z></matrixSize></encodedSpace>
     <reconSpace><matrixSize><x>{h}</x><y>{w}</y><z>1</z></matrixSize></reconSpace>
   </encoding>
   <measurementInformation><protocolName>{acq} (synthetic)</protocolName></measurementInformation>
@@ -75,6 +77,12 @@ def _prepare_dir(site_dir: Path) -> None:
     site_dir.mkdir(parents=True, exist_ok=True)
 
 
+def site_slices(preset: SitePreset, n_slices: int) -> int:
+    """Slices of a site of this preset when a large site has ``n_slices`` (at least 3, so that
+    train, val and test each get a volume)."""
+    return max(3, round(n_slices * preset.size)) if preset.size != 1 else n_slices
+
+
 def generate_site(
     site_dir: str | os.PathLike[str],
     preset: SitePreset,
@@ -84,9 +92,14 @@ def generate_site(
     slices_per_volume: int = 5,
     iid: bool = False,
 ) -> dict[str, Any]:
-    """Write one site (see the module docstring) and return its ``site.json`` content."""
+    """Write one site (see the module docstring) and return its ``site.json`` content.
+
+    ``n_slices`` is the size of a large hospital; the site gets :func:`site_slices` of them.
+    """
     if n_slices < 1:
         raise ValueError(f"n_slices must be >= 1, got {n_slices}")
+    requested = n_slices
+    n_slices = site_slices(preset, n_slices)
     root = Path(site_dir)
     _prepare_dir(root)
     scanner = np.random.default_rng([seed, 7919, *preset.name.encode()])  # same for IID sites
@@ -120,6 +133,7 @@ def generate_site(
                 coils=preset.num_coils,
                 site=root.name,
                 h=h,
+                h_enc=preset.encoded_height,
                 w=w,
                 acq=preset.acquisition,
             ),
@@ -137,6 +151,7 @@ def generate_site(
         "rotate": preset.readout == "horizontal",
         "tissues": {k: round(v, 4) for k, v in tissues.items()},
         "slices": counts,
+        "requested_slices": requested,
         "files": files,
     }
     atomic_write_json(root / "site.json", info)
@@ -163,12 +178,13 @@ def generate_sites(
         Number of sites; non-IID sites cycle through :func:`site_presets` (Table 1 of Levac et al.
         2023).
     n_slices : int
-        Slices per site over all splits (volumes of ``slices_per_volume`` slices, split 70/15/15
-        by volume).
+        Slices of a large site over all splits (volumes of ``slices_per_volume`` slices, split
+        70/15/15 by volume); a preset with ``size < 1`` (a small hospital) gets that fraction.
     seed : int
         Everything is a deterministic function of ``seed`` (and the site index).
     matrix : int or (int, int), optional
-        Override every site's matrix ``(H, W)`` (e.g. 32 for tests); default: the presets' 48-80.
+        Override every site's matrix ``(H, W)`` (e.g. 32 for tests, 320 like fastMRI); default:
+        the presets' (48-80).
     iid : bool
         One distribution (``iid_preset``; the paper's site 2, knee PDFS 1.5T) split over all sites
         with different subjects, instead of one distribution per site.
