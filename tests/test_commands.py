@@ -13,6 +13,8 @@ from fedunroll.cli import main
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 48 px: at 32 px the synthetic head coils' ESPIRiT maps (8-line calibration box) are too
+    # coarse for plain SENSE to beat zero-filled (18.8 vs 19.8 dB); at 48 px it gains 3 dB.
     root = tmp_path_factory.mktemp("cli")
     assert (
         main(
@@ -23,7 +25,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--slices",
                 "20",
                 "--matrix",
-                "32",
+                "48",
                 "--no-progress",
                 str(root / "synth"),
             ]
