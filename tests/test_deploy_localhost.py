@@ -1,11 +1,17 @@
-"""A real Flower deployment on loopback, without Docker: TLS, node authentication, 2 rounds.
+"""A real Flower deployment on loopback, without Docker: 10 sites, TLS, node keys, 4 per round.
 
-SuperLink + 3 SuperNodes as processes on free ports, the CA and server certificate from
+SuperLink + 10 SuperNodes as processes on free ports, the CA and server certificate from
 ``deploy/tls/make-certs.sh``, one ECDSA P-384 key per site from ``deploy/keys/make-node-keys.sh``
-registered with ``flwr supernode register``. A fourth SuperNode with an unregistered key must be
-refused; the real app then runs 2 small rounds through ``flwr run`` against the deployment, every
-site must take part, and no process may outlive the test (process groups + an environment
-token, :mod:`fedunroll.procs`).
+registered with ``flwr supernode register`` (the 10 registrations run concurrently, then the 10
+SuperNodes start at once, each in Flower's default ``subprocess`` isolation: a SuperExec per
+SuperNode, a ClientApp process per message). An eleventh SuperNode with an unregistered key must
+be refused. The real app then runs 2 small rounds through ``flwr run`` with partial
+participation: ``min-available-clients = 10`` (the run waits for every site),
+``sites-per-round = 4`` (= ``min-fit-clients``: every sampled site must reply) and
+``round-grace = 0``, so each round trains exactly 4 distinct registered sites, and the final
+evaluation covers what ``final-eval-sites`` says (0: every site up to 32, i.e. all 10). The
+sites are ``tiny_sites`` (32 px, 4 coils, 20 slices, coil maps cached). No process may outlive
+the test (process groups + an environment token, :mod:`fedunroll.procs`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +30,7 @@ from test_app_support import tiny_config, tiny_sites
 
 from fedunroll.procs import ProcessGroup
 from fedunroll.simulate import free_port, to_toml
+from recon.config import parse_run_config
 from server.results import read
 
 pytestmark = [
@@ -32,7 +40,10 @@ pytestmark = [
 ]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SITES = 3
+SITES = 10
+PER_ROUND = 4
+ROUNDS = 2
+NAMES = [f"site{k}" for k in range(SITES)]
 CONNECTION = "deploy"
 FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -102,9 +113,10 @@ def _supernode(
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """Run the whole deployment once; yields (run_dir, logs dir, rogue outcome, timings)."""
+    """Run the whole deployment once; yields the run dir, logs, outcomes and timings."""
     t0 = time.monotonic()
     sites = tiny_sites(tmp_path_factory, SITES)
+    t_sites = time.monotonic() - t0
     tmp = tmp_path_factory.mktemp("deploy")
     logs = tmp / "logs"
     logs.mkdir()
@@ -134,17 +146,22 @@ def deployment(tmp_path_factory):
         tmp / "runs",
         {
             "run.name": "deploy",
-            "min-fit-clients": SITES,
+            "num-server-rounds": ROUNDS,
+            "sites-per-round": PER_ROUND,
+            "min-fit-clients": PER_ROUND,
             "min-available-clients": SITES,
-            "node-wait-timeout": 60.0,
+            "round-grace": 0.0,  # wait for every sampled site (up to round-timeout)
+            "eval-mode": "piggyback",  # the default: round r's evaluation rides on r + 1's train
+            "node-wait-timeout": 120.0,
             "round-timeout": 180.0,
             "train.local-steps": 3,
             "strategy.name": "scaffold",
         },
     )
+    cfg = parse_run_config(flat)  # the validation the app runs (sites-per-round bounds)
     run_config = tmp / "run_config.toml"
     run_config.write_text(to_toml(flat))
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"sites": t_sites}
 
     with ProcessGroup({**FLWR_ENV, "FLWR_HOME": str(flwr_home), "PATH": path}) as group:
         link_log = logs / "superlink.log"
@@ -162,8 +179,10 @@ def deployment(tmp_path_factory):
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "--database",
-                str(tmp / "state.db"),
+                # Flower's in-memory state, not deploy/entrypoint.sh's `--database state.db`:
+                # with a SQLite file, 10 SuperNodes polling a SuperLink starved of CPU (a loaded
+                # 2-core CI machine) exceed SQLite's 5 s busy timeout ("database is locked"), a
+                # push-object fails with 500 and the round loses its replies.
                 "--disable-runtime-dependency-installation",
             ],
             stdout=link_log.open("w"),
@@ -171,11 +190,19 @@ def deployment(tmp_path_factory):
             cwd=tmp,
         )
         _wait_tls_health(port, ca, link, link_log)
-        for k in range(SITES):
-            _flwr(["supernode", "register", str(keys / f"site{k}.pub"), CONNECTION], env)
+        with ThreadPoolExecutor(SITES) as pool:  # each `flwr` is ~1.5 s of CPU, mostly imports
+            list(
+                pool.map(
+                    lambda name: _flwr(
+                        ["supernode", "register", str(keys / f"{name}.pub"), CONNECTION], env
+                    ),
+                    NAMES,
+                )
+            )
         registered = _flwr(["supernode", "list", CONNECTION, "--format", "json"], env)
         timings["superlink+register"] = time.monotonic() - t0
 
+        # all at once (Popen does not wait); the server waits for min-available-clients
         rogue = _supernode(group, port, ca, keys / "rogue", None, logs / "rogue.log")
         nodes = [
             _supernode(
@@ -208,6 +235,7 @@ def deployment(tmp_path_factory):
             )
             time.sleep(0.5)
         timings["flwr run"] = time.monotonic() - t_run
+        timings["run timed out"] = float(runner.poll() is None)
         rogue_rc = rogue.poll()
         group.watch()
         left = group.stop()
@@ -215,6 +243,7 @@ def deployment(tmp_path_factory):
     (logs / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"\nlocalhost deployment timings (s): {timings}")
     yield {
+        "cfg": cfg,
         "run_dir": tmp / "runs" / "deploy",
         "logs": logs,
         "registered": registered,
@@ -229,19 +258,33 @@ def _log(d, name: str) -> str:
     return (d["logs"] / name).read_text(errors="replace")
 
 
-def test_run_completes_with_every_site(deployment) -> None:
+def test_rounds_complete_with_partial_participation(deployment) -> None:
+    """Each round trains 4 distinct registered sites (the two samples may coincide); round 1's
+    evaluation rides on round 2's train replies, round 2's is its own sample of 4; the final
+    evaluation covers ``final-eval-sites`` (all 10)."""
     run_log = _log(deployment, "flwr-run.log")
     assert deployment["runner_rc"] == 0, f"flwr run failed:\n{run_log[-4000:]}"
     res = read(deployment["run_dir"])
     assert res["status"] == "completed", res["status"]
-    names = [f"site{k}" for k in range(SITES)]
-    assert res["sites"] == names
-    assert len(res["rounds"]) == 2
+    cfg = deployment["cfg"]
+    assert cfg.federation.sites_per_round == PER_ROUND and cfg.data.num_sites == SITES
+    assert len(res["rounds"]) == ROUNDS
     for r in res["rounds"]:
-        assert sorted(r["train"]) == names, r
-        assert sorted(r["eval"]) == names, r
+        assert len(r["train"]) == PER_ROUND, r["train"]  # dict keys: distinct sites
+        assert set(r["train"]) <= set(NAMES), r["train"]
+        assert len(r["eval"]) == PER_ROUND and set(r["eval"]) <= set(NAMES), r["eval"]
         assert not r["rejected"], r["rejected"]
-    assert sorted(res["final"]["federated"]) == names
+    assert sorted(res["rounds"][0]["eval"]) == sorted(res["rounds"][1]["train"])
+    # the server's own log line, streamed by `flwr run --stream`
+    sampled = f"configure_train: sampled {PER_ROUND} of {SITES} nodes"
+    assert run_log.count(sampled) == ROUNDS, run_log[-4000:]
+
+    want = cfg.federation.final_eval_sites or (SITES if SITES <= 32 else 32)
+    assert want == SITES
+    assert sorted(res["final"]["federated"]) == NAMES
+    assert res["final_summary"]["evaluated"] == want
+    assert res["final_summary"]["num_sites"] == SITES
+    assert res["sites"] == NAMES  # every site that trained, evaluated or took part in final
     assert (deployment["run_dir"] / "final_model.pt").is_file()
     assert (deployment["run_dir"] / "checkpoint.pt").is_file()
 
@@ -253,13 +296,14 @@ def test_unregistered_key_is_refused(deployment) -> None:
     assert "Failed to activate SuperNode" in log, log
     link = _log(deployment, "superlink.log")
     assert "No SuperNode found with the given public key" in link
-    assert link.count("Activated node_id=") == SITES  # the 3 registered sites, not the rogue
+    assert link.count("Activated node_id=") == SITES  # the 10 registered sites, not the rogue
 
 
 def test_registered_nodes_are_listed(deployment) -> None:
     out = deployment["registered"]
     nodes = json.loads(out[out.index("{") :])["nodes"]
     assert [n["status"] for n in nodes] == ["registered"] * SITES, nodes
+    assert len({n["node-id"] for n in nodes}) == SITES, nodes
 
 
 def test_no_process_left(deployment) -> None:
