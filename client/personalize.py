@@ -93,12 +93,15 @@ def personalize_config(cfg: RunConfig, config: ConfigRecord) -> PersonalizeConfi
     )
 
 
-@site_handler
-def site_query_handler(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
-    """``query.site``: ``config = {site-id, unseen}``; nothing else."""
+def _site_query(msg: Message, context: Context, cfg: RunConfig, site: Site) -> Message:
+    """``query.site``: ``config = {site-id, unseen}``; nothing else (a lazy synthetic site is
+    not written for it)."""
     unseen = is_unseen(dict(context.node_config), cfg)
     content = RecordDict({CONFIG: ConfigRecord({SITE_ID: site.site_id, UNSEEN: unseen})})
     return Message(content, reply_to=msg)
+
+
+site_query_handler = site_handler(_site_query, materialize=False)
 
 
 @site_handler

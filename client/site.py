@@ -28,7 +28,7 @@ from recon import runtime
 from recon.config import ConfigError, RunConfig, parse_run_config
 from recon.data.dataset import SiteDataset
 from recon.data.h5io import DataError
-from recon.data.lazy import ensure_site
+from recon.data.lazy import PLAN, ensure_site
 from strategies.protocol import (
     ERROR_CONFIG,
     ERROR_DATA,
@@ -126,26 +126,29 @@ def error_reply(msg: Message, site: str, exc: BaseException) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def setup(context: Context) -> tuple[RunConfig, Site]:
+def setup(context: Context, materialize: bool = True) -> tuple[RunConfig, Site]:
     """The run config and this node's site: where every ClientApp handler starts."""
     torch.set_num_threads(1)  # clients share the cores; 1 thread each is fastest (notes)
     cfg = parse_run_config(dict(context.run_config))
-    return cfg, resolve_site(dict(context.node_config), cfg)
+    return cfg, resolve_site(dict(context.node_config), cfg, materialize)
 
 
 Handler = Callable[[Message, Context], Message]
 
 
-def site_handler(body: Callable[[Message, Context, RunConfig, Site], Message]) -> Handler:
+def site_handler(
+    body: Callable[[Message, Context, RunConfig, Site], Message], *, materialize: bool = True
+) -> Handler:
     """A ClientApp handler from ``body(msg, context, cfg, site)``: :func:`setup` first, and any
     exception becomes this site's error reply (:func:`error_reply`: its kind only), never a
-    crash of the federation."""
+    crash of the federation. ``materialize=False``: a lazy synthetic site is not written for
+    this message (it only needs the site's name)."""
 
     @functools.wraps(body)
     def handler(msg: Message, context: Context) -> Message:
         name = site_label(context)
         try:
-            cfg, site = setup(context)
+            cfg, site = setup(context, materialize=materialize)
             name = site.site_id
             return body(msg, context, cfg, site)
         except Exception as exc:  # a site's failure is its reply
@@ -154,8 +157,11 @@ def site_handler(body: Callable[[Message, Context, RunConfig, Site], Message]) -
     return handler
 
 
-def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
-    """The site of this node from its node config (deployment) or partition id (simulation)."""
+def resolve_site(node_config: dict[str, Any], cfg: RunConfig, materialize: bool = True) -> Site:
+    """The site of this node from its node config (deployment) or partition id (simulation).
+
+    ``materialize=False``: a lazy synthetic site that is not written yet stays unwritten (the
+    returned site's folder does not exist then)."""
     device = resolve_device(str(node_config.get("device", cfg.run.device)))
     if "data-path" in node_config:
         path = Path(str(node_config["data-path"])).expanduser()
@@ -163,9 +169,11 @@ def resolve_site(node_config: dict[str, Any], cfg: RunConfig) -> Site:
     elif "partition-id" in node_config:
         pid = get_int(node_config, "partition-id")
         path = Path(cfg.data.root).expanduser() / f"site{pid}"
-        if not path.is_dir():  # a lazy synthetic site: written the first time it is needed
-            ensure_site(path.parent, pid)
         site_id = str(node_config.get("site-id") or f"site{pid}")
+        if not path.is_dir():  # a lazy synthetic site: written the first time it is needed
+            if not materialize and (path.parent / PLAN).is_file():
+                return Site(site_id, path, device, path, ())
+            ensure_site(path.parent, pid)
     else:
         raise SiteError(
             "node config has neither 'data-path' (deployment: flower-supernode --node-config "

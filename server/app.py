@@ -140,8 +140,11 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     events = RunEvents(run_dir)  # <run dir>/events.jsonl, read by `fedunroll dashboard`
     events.run_started(run_dir.name, cfg.flat(), progress.round, cfg.federation.num_server_rounds)
     # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
-    # the grid without them; they only personalize at the end (server/personalize.py).
-    training_grid = TrainingGrid(grid, cfg, strategy.sites) if cfg.data.unseen_sites else None
+    # the grid without them; they only personalize at the end (server/personalize.py). The same
+    # view names every node (query.site) before the first draw of a partial participation, so
+    # the strategy samples by site name and a resumed run with new node ids draws the same sites.
+    named = cfg.data.unseen_sites or _samples(cfg)
+    training_grid = TrainingGrid(grid, cfg, strategy.sites) if named else None
     extra_config = nas_phase.genotype_config(genotype)
     fed = Federation(
         training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config, events
@@ -194,6 +197,14 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     if error is not None:
         raise error
     return out
+
+
+def _samples(cfg: RunConfig) -> bool:
+    """Whether the rounds sample a subset of the sites (``sites-per-round``, fractions < 1)."""
+    fed = cfg.federation
+    if fed.sites_per_round:
+        return fed.sites_per_round < cfg.data.num_sites
+    return fed.fraction_fit < 1 or fed.fraction_evaluate < 1
 
 
 def _training_genotype(

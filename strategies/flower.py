@@ -21,7 +21,8 @@ Shared behaviour (``_Base``):
   argument, so a resumed ``start()`` (which counts from 1 again) continues the same sequence;
 - the ConfigRecord passed in is copied, never mutated;
 - sampling (``sites_per_round`` or ``fraction_*``) draws from a seeded numpy Generator whose
-  state is part of ``state_dict()`` (``sampling/rng``), so a resumed run draws the same nodes.
+  state is part of ``state_dict()`` (``sampling/rng``), over the connected sites ordered by
+  name, so a resumed run draws the same sites even where the nodes got new ids.
 """
 
 from __future__ import annotations
@@ -443,17 +444,21 @@ class _Base(_FlowerFedAvg):
     def _sample(self, grid: Grid, fraction: float, min_nodes: int, phase: str) -> list[int]:
         """``sites_per_round`` nodes (0: ``fraction`` of the connected ones, at least
         ``min_nodes``), drawn without replacement by the strategy's seeded Generator from the
-        connected nodes in node-id order; waits for ``min_available_nodes`` as Flower does.
+        connected nodes in :meth:`_draw_order`; waits for ``min_available_nodes`` as Flower
+        does.
 
-        The draw depends only on the Generator's state (checkpointed) and the sorted node ids,
-        so a resumed run whose nodes keep their ids (in process, a deployment with node
-        authentication) samples the same nodes; all nodes (``fraction`` 1) use no draw.
+        The draw depends only on the Generator's state (checkpointed) and the order of the
+        connected sites, which is by site name once the nodes are named: a resumed run samples
+        the same sites even where its nodes got new ids (a restarted Ray simulation). The
+        ServerApp names every node before the first draw when sampling is partial (it asks
+        each new node ``query.site``, :class:`server.personalize.TrainingGrid`); all nodes
+        (``fraction`` 1) use no draw.
         """
-        all_nodes = sorted(grid.get_node_ids())
+        all_nodes = self._draw_order(grid.get_node_ids())
         while len(all_nodes) < self.min_available_nodes:
             log(INFO, "waiting for nodes: %d of %d", len(all_nodes), self.min_available_nodes)
             time.sleep(1)
-            all_nodes = sorted(grid.get_node_ids())
+            all_nodes = self._draw_order(grid.get_node_ids())
         if self.sites_per_round:
             size = self.sites_per_round
         else:
@@ -468,6 +473,11 @@ class _Base(_FlowerFedAvg):
         self.sites.connected(all_nodes)
         log(INFO, "configure_%s: sampled %s of %s nodes", phase, len(node_ids), len(all_nodes))
         return node_ids
+
+    def _draw_order(self, nodes: Iterable[int]) -> list[int]:
+        """The connected nodes in the order the sampling draws from: named sites by name, then
+        nodes not named yet by id."""
+        return sorted(nodes, key=lambda n: (0, self.sites[n], n) if n in self.sites else (1, "", n))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

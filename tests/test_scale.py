@@ -170,7 +170,14 @@ def test_partial_participation_is_reproducible_across_a_resume(root6, tmp_path, 
     run_dir = tmp_path / "cut" / "cut"
     assert checkpoint.load(run_dir).round == 1
     resumed = {**cut, "run.resume": str(run_dir)}
-    res = run_federation(_grid(resumed), parse_run_config(resumed))
+    # A restarted simulation gives every node a new id: other ids, in another order than the
+    # sites' (site k is partition k). The sample follows the site names, not the ids.
+    partitions = [3, 0, 5, 1, 4, 2]
+    new_ids = {
+        900 - 7 * i: {"partition-id": p, "num-partitions": 6} for i, p in enumerate(partitions)
+    }
+    grid = InProcessGrid({n: client_app for n in new_ids}, resumed, node_configs=new_ids)
+    res = run_federation(grid, parse_run_config(resumed))
     assert [sorted(r["train"]) for r in res["rounds"]] == per_round
     got = _final_arrays(run_dir)
     assert list(got) == list(expected)
