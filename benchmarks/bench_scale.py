@@ -19,9 +19,9 @@ Measured per run:
 * ``total_peak_rss_mb``: the peak over time of the summed RSS of every process the command
   started (SuperLink, simulation, Ray's GCS, raylet and workers), sampled every 0.5 s.
 
-With ``--warm`` each lazy size runs a second time on the same ``data.root`` (its sites sampled
-before are on disk with their coil maps; a new simulation has new node ids and samples partly
-other sites, see ``sites_written``).
+With ``--warm`` each lazy size runs a second time on the same ``data.root``: the same seed draws
+the same sites by name, so the sites sampled before are on disk with their coil maps (as a real
+hospital's data is); ``sites_written`` counts the sites on disk after the run.
 
     python benchmarks/bench_scale.py --warm                # 10, 100, 1000 sites, 3 rounds
     python benchmarks/bench_scale.py --quick               # 10 and 100 sites, 2 rounds
@@ -181,7 +181,7 @@ def run(
         "sites": n_sites,
         # cold: the sites sampled are written (and their coil maps computed) in the round that
         # first samples them (lazy, > 32 sites); warm: the same run again on the same data.root
-        # (a new simulation has new node ids, so it samples partly other sites: sites_written)
+        # (the same seed draws the same sites by name: sites_written counts the sites on disk)
         "data": "warm" if warm else "cold",
         "status": results["status"],
         "wall_seconds": round(wall, 1),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -508,7 +508,8 @@ class Federation:
         """Global model and zero-filled metrics on every connected site's test slices."""
         nodes = wait_for_nodes(self.grid, self._needed(), self.cfg.federation.node_wait_timeout)
         self.sites.connected(nodes)
-        nodes = final_eval_nodes(nodes, self.cfg)  # final-eval-sites: a seeded sample
+        # final-eval-sites: a seeded sample, by site name (the nodes are named when sampling)
+        nodes = final_eval_nodes(nodes, self.cfg, self.sites)
         config = self._config("test")
         config[RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
@@ -537,11 +538,16 @@ class Federation:
         return dict(sorted(federated.items())), dict(sorted(zero_filled.items()))
 
 
-def final_eval_nodes(nodes: Iterable[int], cfg: RunConfig) -> list[int]:
+def final_eval_nodes(
+    nodes: Iterable[int], cfg: RunConfig, names: Mapping[int, str] | None = None
+) -> list[int]:
     """The nodes of the final evaluation: ``final-eval-sites`` of them (0: all up to 32, else
-    32), drawn without replacement from the sorted node ids by a Generator seeded with
-    ``train.seed`` (its own stream: the round sampling's state is not touched)."""
-    ordered = sorted(nodes)
+    32), drawn without replacement by a Generator seeded with ``train.seed`` (its own stream:
+    the round sampling's state is not touched) from the nodes ordered by their site names in
+    ``names`` (named ones first; the rest by id), so a rerun whose nodes got new ids evaluates
+    the same sites."""
+    names = names or {}
+    ordered = sorted(nodes, key=lambda n: (0, names[n], n) if n in names else (1, "", n))
     want = cfg.federation.final_eval_sites or (len(ordered) if len(ordered) <= 32 else 32)
     if want >= len(ordered):
         return ordered

@@ -123,6 +123,13 @@ def test_final_eval_nodes_default_and_sample(tmp_path) -> None:
     assert picked == final_eval_nodes(range(1, 101), cfg)  # seeded, order-free
     cfg5 = parse_run_config({"data.num-sites": 100, "final-eval-sites": 5, "run.out": "x"})
     assert len(final_eval_nodes(range(100), cfg5)) == 5
+    # named nodes: the sample follows the site names, whatever ids a rerun's nodes got
+    names_a = {n: f"site{n:03d}" for n in range(100)}
+    names_b = {500 + 3 * (99 - n): f"site{n:03d}" for n in range(100)}  # other ids, reversed
+    got_a = [names_a[n] for n in final_eval_nodes(names_a, cfg5, names_a)]
+    got_b = [names_b[n] for n in final_eval_nodes(names_b, cfg5, names_b)]
+    assert got_a == got_b and len(set(got_a)) == 5
+    assert got_a != [names_b[n] for n in final_eval_nodes(names_b, cfg5)]  # by id: others
 
 
 def test_final_summary_reports_mean_quartiles_and_worst_site() -> None:
