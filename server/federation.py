@@ -35,7 +35,7 @@ from server import checkpoint
 from server.events import RunEvents
 from server.privacy import budget_stop, round_privacy
 from server.results import eval_entry, metric_triplet, train_entry
-from strategies.flower import NotEnoughReplies, SiteNames
+from strategies.flower import NotEnoughReplies, SiteNames, site_order
 from strategies.protocol import (
     ARRAYS,
     CONFIG,
@@ -546,8 +546,7 @@ def final_eval_nodes(
     the round sampling's state is not touched) from the nodes ordered by their site names in
     ``names`` (named ones first; the rest by id), so a rerun whose nodes got new ids evaluates
     the same sites."""
-    names = names or {}
-    ordered = sorted(nodes, key=lambda n: (0, names[n], n) if n in names else (1, "", n))
+    ordered = site_order(nodes, names or {})
     want = cfg.federation.final_eval_sites or (len(ordered) if len(ordered) <= 32 else 32)
     if want >= len(ordered):
         return ordered

@@ -124,6 +124,12 @@ def sent_nodes(messages: Iterable[Message]) -> dict[str, int]:
     }
 
 
+def site_order(nodes: Iterable[int], names: Mapping[int, str]) -> list[int]:
+    """``nodes`` in the order a seeded draw takes them from: the named ones by site name, then
+    the ones not named yet by id. Node ids change when a simulation restarts; names do not."""
+    return sorted(nodes, key=lambda n: (0, names[n], n) if n in names else (1, "", n))
+
+
 class SiteNames(Mapping[int, str]):
     """Which site each node is: a name bound to the node id the first time the node replies.
 
@@ -475,9 +481,8 @@ class _Base(_FlowerFedAvg):
         return node_ids
 
     def _draw_order(self, nodes: Iterable[int]) -> list[int]:
-        """The connected nodes in the order the sampling draws from: named sites by name, then
-        nodes not named yet by id."""
-        return sorted(nodes, key=lambda n: (0, self.sites[n], n) if n in self.sites else (1, "", n))
+        """The connected nodes in the order the sampling draws from (:func:`site_order`)."""
+        return site_order(nodes, self.sites)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
