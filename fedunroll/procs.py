@@ -278,8 +278,11 @@ class ProcessGroup:
         return proc
 
     def watch(self) -> None:
-        """Remember the current descendants (call now and then while they run)."""
-        self.seen.update(descendants(p.pid for p in self.procs))
+        """Remember the current descendants (call now and then while they run): of our
+        children, and of the processes carrying the token, whose own children may not carry it
+        (a Ray raylet starts its dashboard and runtime-env agents with an environment of its
+        own)."""
+        self.seen.update(descendants([p.pid for p in self.procs] + tagged_pids(self.token)))
 
     def alive(self) -> list[int]:
         """Processes of this group still running (tagged or seen descendants)."""

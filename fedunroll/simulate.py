@@ -348,6 +348,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ray_address(cfg: RunConfig, out: IO[str] = sys.stderr) -> str:
+    """``RAY_ADDRESS`` for the simulation's ``ray.init()``: ``sim.ray-address`` if set, else
+    ``"local"``, a private instance that starts and stops with the run.
+
+    Without it Ray joins whatever cluster this machine last ran ``ray start`` for (or the
+    caller's ``RAY_ADDRESS``), so a run would land on somebody else's cluster unasked.
+
+    Raises
+    ------
+    SimulationError
+        If nothing answers at ``sim.ray-address`` (checked before anything starts).
+    """
+    address = cfg.sim.ray_address
+    if not address:
+        if os.environ.get("RAY_ADDRESS", "") not in ("", "local"):
+            print(
+                "note: RAY_ADDRESS is set but ignored; to run on that Ray cluster set "
+                'sim.ray-address (README "Many sites")',
+                file=out,
+                flush=True,
+            )
+        return "local"
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as err:
+            raise SimulationError(
+                f"sim.ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
+                "is `ray start --head` running on that host and port?"
+            ) from None
+    print(f"Ray: running the simulated sites on the cluster at {address}", file=out, flush=True)
+    return address
+
+
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -463,6 +498,7 @@ def run_simulation(
     cfg = pin_run_dir(cfg)
     run_dir = Path(cfg.run.resume) if cfg.run.resume else Path(cfg.run.out) / cfg.run.name
     check_run_free(run_dir)  # before writing anything into it or starting any process
+    ray = ray_address(cfg)  # also before anything starts: a wrong address fails here
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / ".flwr"
     flwr_home.mkdir(exist_ok=True)
@@ -489,6 +525,7 @@ def run_simulation(
         "FLWR_HOME": str(flwr_home),
         "PATH": path,
         "PYTHONWARNINGS": child_warnings(),
+        "RAY_ADDRESS": ray,
     }
     with tempfile.TemporaryDirectory(prefix="fedunroll-app-") as staging, _sigterm_as_interrupt():
         app = app_dir(Path(staging))

@@ -384,6 +384,29 @@ class SimSection(_Section):
 
     client_cpus: int = _k(1, "CPU cores per simulated site", ge=1)
     client_gpus: float = _k(0.0, "GPU share per simulated site", ge=0)
+    ray_address: str = _k(
+        "",
+        'an existing Ray cluster (HOST:PORT of "ray start --head", or "auto"); "" = a private '
+        "Ray instance started and stopped with the run",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "auto"):
+            return value
+        if "://" in value:
+            raise ValueError(
+                f"{value!r}: Ray Client addresses (ray://) are not supported; give the GCS "
+                "address HOST:PORT that `ray start --head` prints"
+            )
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f'{value!r} is not HOST:PORT (the address `ray start --head` prints), "auto" or ""'
+            )
+        return value
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
