@@ -65,12 +65,6 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def _reply_bytes(message: Any) -> int:
-    if not message.has_content():
-        return 0
-    return int(sum(rec.count_bytes() for rec in message.content.array_records.values()))
-
-
 class RunEvents:
     """The writer of one run directory's ``events.jsonl``; ``RunEvents(None)`` writes nothing."""
 
@@ -144,12 +138,13 @@ class RunEvents:
         phase: str,
         accepted: Mapping[str, Mapping[str, Any]],
         rejected: Sequence[Any],
-        pairs: Iterable[tuple[Any, int]] = (),
+        sizes: Mapping[int, int] | None = None,
         name: Callable[[int], str] = str,
     ) -> None:
         """After a phase's aggregation: one ``reply-accepted`` per accepted site (its metrics
-        and reply bytes), one ``reply-rejected`` per new rejection, then ``phase-finished``."""
-        sizes = {name(node): _reply_bytes(msg) for msg, node in pairs}
+        and reply bytes: ``sizes`` maps each replying node to them), one ``reply-rejected``
+        per new rejection, then ``phase-finished``."""
+        by_site = {name(node): size for node, size in (sizes or {}).items()}
         for site, metrics in sorted(accepted.items()):
             self.emit(
                 "reply-accepted",
@@ -157,7 +152,7 @@ class RunEvents:
                 phase=phase,
                 site=site,
                 metrics=_metrics(phase, metrics),
-                bytes=sizes.get(site, 0),
+                bytes=by_site.get(site, 0),
             )
         new = self.rejections(round_, rejected)
         self.emit("phase-finished", round_, phase=phase, accepted=len(accepted), rejected=new)

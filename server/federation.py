@@ -8,6 +8,9 @@ So this module drives the same four strategy methods (``configure_train``, ``agg
 - a bounded wait for nodes before each phase (Flower's sampling waits forever),
 - per-site train/eval metrics, rejected replies (errors, invalid arrays, no reply in time) and
   bytes on the wire for every round,
+- streaming train replies: each is handed to the strategy's :class:`TrainReplies` as it is
+  pulled (checked, decoded, its arrays spilled to a scratch directory in the run directory,
+  removed after the round), so the server holds O(1) replies' arrays, not every sampled site's,
 - an atomic checkpoint after every round (:mod:`server.checkpoint`),
 - a final evaluation of the global model on the sites' test slices (and zero-filled; every
   site up to 32, else a seeded sample of ``final-eval-sites``, :func:`final_eval_nodes`); its
@@ -17,6 +20,7 @@ So this module drives the same four strategy methods (``configure_train``, ``agg
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -48,8 +52,10 @@ from strategies.protocol import (
     RUN_UID,
     ReplyError,
     check_content,
+    records_of,
     to_numpy,
 )
+from strategies.spill import SCRATCH_PREFIX
 
 # Seconds without a new node, once min-available-clients are connected, after which the run
 # stops waiting for data.num-sites (Federation.wait_for_expected_sites).
@@ -67,14 +73,17 @@ POLL_MIN, POLL_MAX = 0.05, 1.0
 class Replies:
     """What :func:`collect` got back.
 
-    ``pairs`` are (reply, node) in arrival order; ``missing`` the nodes without a reply, of
-    which ``late`` are those cut off by the grace period (the others hit the timeout or could
-    not be pushed); ``grace`` the grace period applied, in seconds (None: all replies came
-    before it started, or no grace was asked); ``stale`` the replies ignored as answering no
-    message of this exchange; ``reply_seconds`` node -> seconds from the push to its reply.
+    ``pairs`` are (reply, node) in arrival order (empty when an ``on_reply`` consumed them);
+    ``sizes`` node -> bytes of its reply's ArrayRecords (:func:`reply_bytes`), for every
+    reply; ``missing`` the nodes without a reply, of which ``late`` are those cut off by the
+    grace period (the others hit the timeout or could not be pushed); ``grace`` the grace
+    period applied, in seconds (None: all replies came before it started, or no grace was
+    asked); ``stale`` the replies ignored as answering no message of this exchange;
+    ``reply_seconds`` node -> seconds from the push to its reply.
     """
 
     pairs: list[tuple[Message, int]] = field(default_factory=list)
+    sizes: dict[int, int] = field(default_factory=dict)
     reply_seconds: dict[int, float] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
     late: list[int] = field(default_factory=list)
@@ -97,6 +106,7 @@ def collect(
     *,
     needed: int | None = None,
     grace: float = 0.0,
+    on_reply: Callable[[Message, int], None] | None = None,
 ) -> Replies:
     """Push ``messages``, then pull their replies until all are in or the wait is over.
 
@@ -109,6 +119,11 @@ def collect(
     :func:`strategies.flower.reply_node`), not to its ``src_node_id``: the SuperLink answers for
     a dead node with an error reply of its own. A reply to no message of this exchange (a
     stale reply of an earlier round, a duplicate) is logged and ignored.
+
+    With ``on_reply``, each reply is passed to ``on_reply(reply, node)`` as it is pulled and
+    then dropped (``pairs`` stays empty; ``sizes`` has its bytes), so a consumer that keeps
+    only what it needs (:class:`strategies.flower.TrainReplies`) holds one reply at a time
+    beyond those one pull returned together.
     """
     t0 = time.monotonic()
     out = Replies()
@@ -132,7 +147,10 @@ def collect(
     while pending:
         got = list(grid.pull_messages(sorted(pending)))
         now = time.monotonic()
-        for reply in got:
+        pulled = len(got)
+        got.reverse()
+        while got:
+            reply = got.pop()  # the list lets go of each reply once it is handled
             rid = reply.metadata.reply_to_message_id
             if rid not in pending:
                 out.stale += 1
@@ -145,10 +163,16 @@ def collect(
                 )
                 continue
             pending.discard(rid)
-            out.pairs.append((reply, sent[rid]))
-            out.reply_seconds[sent[rid]] = now - t0
+            node = sent[rid]
+            out.sizes[node] = out.sizes.get(node, 0) + reply_bytes(reply)
+            out.reply_seconds[node] = now - t0
             if not reply.has_error():
                 ok_seconds.append(now - t0)
+            if on_reply is None:
+                out.pairs.append((reply, node))
+            else:
+                on_reply(reply, node)
+            del reply
         if t_needed is None and len(ok_seconds) >= need:
             t_needed = now
         if not pending:
@@ -160,8 +184,8 @@ def collect(
         if now >= stop:
             break
         time.sleep(min(poll, stop - now))
-        poll = POLL_MIN if got else min(POLL_MAX, poll * 1.5)
-    replied = {node for _, node in out.pairs}
+        poll = POLL_MIN if pulled else min(POLL_MAX, poll * 1.5)
+    replied = set(out.sizes)
     out.missing = [
         m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied
     ]
@@ -215,13 +239,17 @@ class Progress:
     elapsed_seconds: float = 0.0  # wall time of earlier invocations (resume)
 
 
+def reply_bytes(message: Message) -> int:
+    """Bytes of the ArrayRecords in one message's content (what dominates the wire)."""
+    if not message.has_content():
+        return 0
+    arrays = records_of(message.content, ArrayRecord)  # no RecordDict view: no cycle
+    return int(sum(rec.count_bytes() for rec in arrays.values()))
+
+
 def payload_bytes(messages: Iterable[Message]) -> int:
     """Bytes of all ArrayRecords in the messages' content (what dominates the wire)."""
-    total = 0
-    for m in messages:
-        if m.has_content():
-            total += sum(rec.count_bytes() for rec in m.content.array_records.values())
-    return total
+    return sum(reply_bytes(m) for m in messages)
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -289,20 +317,29 @@ class Federation:
     def _needed(self) -> int:
         return self.cfg.federation.min_available_clients
 
-    def _exchange(self, messages: list[Message]) -> tuple[list[tuple[Message, int]], list[int]]:
+    def _exchange(
+        self, messages: list[Message], on_reply: Callable[[Message, int], None] | None = None
+    ) -> Replies:
         """:func:`collect` on the run's grid: at most ``round-timeout``, and once the strategy's
         minimum of valid replies is in, at most the grace period (``round-grace``) more.
         Nodes cut off by the grace period get their reason in :meth:`_why_missing`."""
         fed = self.cfg.federation
         needed = getattr(self.strategy, "min_valid_replies", fed.min_fit_clients)
-        got = collect(self.grid, messages, fed.round_timeout, needed=needed, grace=fed.round_grace)
+        got = collect(
+            self.grid,
+            messages,
+            fed.round_timeout,
+            needed=needed,
+            grace=fed.round_grace,
+            on_reply=on_reply,
+        )
         self._late = {
             node: f"no reply within the grace period ({got.grace or 0:.1f} s after the {needed} "
             f"needed replies, round-grace {fed.round_grace:g}), i.e. no reply within "
             f"round-timeout ({fed.round_timeout:.0f} s) shortened by round-grace"
             for node in got.late
         }
-        return got.pairs, got.missing
+        return got
 
     def _why_missing(self, node: int, timed_out: str) -> str:
         """Why ``node`` did not reply in the last exchange: the grace period, else ``timed_out``."""
@@ -336,20 +373,22 @@ class Federation:
             self.strategy.configure_train(r, progress.arrays, train_config, self.grid)
         )
         sent = payload_bytes(train_msgs)
-        pairs, missing = self._exchange(train_msgs)
-        replies = [m for m, _ in pairs]
-        received = payload_bytes(replies)
         first_rejection = len(self.strategy.rejected)
-        for node in missing:
-            reason = self._why_missing(
-                node, f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
-            )
-            self.strategy.reject(r, self._site(node), reason, "train")
-        new_arrays, _ = self.strategy.aggregate_train(r, replies)  # NotEnoughReplies stops here
+        # each reply is checked and spilled to the run directory as it comes (scratch removed
+        # after the round, also when it fails); the strategy keeps no reply's arrays
+        with self.strategy.train_replies(self.run_dir) as stream:
+            got = self._exchange(train_msgs, on_reply=stream.add)
+            received = sum(got.sizes.values())
+            for node in got.missing:
+                reason = self._why_missing(
+                    node, f"no reply within round-timeout ({fed.round_timeout:.0f} s)"
+                )
+                self.strategy.reject(r, self._site(node), reason, "train")
+            new_arrays, _ = self.strategy.aggregate_train(r, stream)  # or NotEnoughReplies
         if new_arrays is not None:
             progress.arrays = new_arrays
         train_sites = self.strategy.train_site_metrics.get(self.strategy.round, {})
-        self.events.replies(r, "train", train_sites, self.strategy.rejected, pairs, self._site)
+        self.events.replies(r, "train", train_sites, self.strategy.rejected, got.sizes, self._site)
         if pending:
             self._previous_evaluation(progress.rounds[-1], train_sites)
 
@@ -361,16 +400,15 @@ class Federation:
                 self.strategy.configure_evaluate(r, progress.arrays, self._config("val"), self.grid)
             )
             sent += payload_bytes(eval_msgs)
-            eval_pairs, eval_missing = self._exchange(eval_msgs)
-            eval_replies = [m for m, _ in eval_pairs]
-            received += payload_bytes(eval_replies)
-            for node in eval_missing:
+            evals = self._exchange(eval_msgs)  # metrics only: kept as they are
+            received += sum(evals.sizes.values())
+            for node in evals.missing:
                 reason = self._why_missing(node, "no evaluate reply within round-timeout")
                 self.strategy.reject(r, self._site(node), reason, "evaluate")
-            self.strategy.aggregate_evaluate(r, eval_replies)
+            self.strategy.aggregate_evaluate(r, [m for m, _ in evals.pairs])
             eval_sites = self.strategy.evaluate_site_metrics.get(self.strategy.round, {})
             self.events.replies(
-                r, "evaluate", eval_sites, self.strategy.rejected, eval_pairs, self._site
+                r, "evaluate", eval_sites, self.strategy.rejected, evals.sizes, self._site
             )
 
         rejected = [
@@ -480,6 +518,8 @@ class Federation:
         """All remaining rounds; a checkpoint after each one."""
         started = time.perf_counter()
         total = self.cfg.federation.num_server_rounds
+        for stale in self.run_dir.glob(f"{SCRATCH_PREFIX}*"):  # a killed server's round scratch
+            shutil.rmtree(stale, ignore_errors=True)
         if progress.round < total:
             self.wait_for_expected_sites()
         while progress.round < total:
@@ -514,7 +554,8 @@ class Federation:
         config[RUN_DONE] = True  # sites drop this run's Scaffold files
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         msgs = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
-        pairs, missing = self._exchange(msgs)
+        got = self._exchange(msgs)
+        pairs, missing = got.pairs, got.missing
         federated: dict[str, Any] = {}
         zero_filled: dict[str, Any] = {}
         round_ = self.strategy.round

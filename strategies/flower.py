@@ -16,6 +16,12 @@ Shared behaviour (``_Base``):
   (the example-weighted mean, or a robust one of :mod:`strategies.robust`);
 - reply arrays are cast to the global model's dtypes and aggregated in site order, so the
   result does not depend on reply arrival order;
+- replies stream (:class:`TrainReplies`): each is checked and decoded as it arrives, its
+  update norms and ``num-examples`` recorded and its arrays written to a per-round scratch
+  file; the bounds are decided from what was recorded and the accepted replies are read back
+  one at a time into a float64 running sum (:class:`strategies.maths.WeightedSum`), so the
+  server holds O(1) replies' arrays for the weighted mean, FedOpt and Scaffold. The robust
+  statistics load the round's accepted replies together (they need them all);
 - ``self.round`` counts completed rounds and is part of ``state_dict()``: the round sent as
   ``server-round`` and used by the maths is ``self.round + 1``, not the ``server_round``
   argument, so a resumed ``start()`` (which counts from 1 again) continues the same sequence;
@@ -30,10 +36,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
+from types import TracebackType
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -69,11 +78,13 @@ from strategies.protocol import (
     bounded,
     check_content,
     parse_error,
+    records_of,
     site_claim,
     to_numpy,
     to_record,
     validate_reply,
 )
+from strategies.spill import SCRATCH_PREFIX, Lazy, Scratch
 
 State = dict[str, Any]
 SAMPLE_RNG = "sampling/rng"  # state_dict key: the sampling Generator's state (JSON)
@@ -103,6 +114,154 @@ class Reply:
     arrays: Arrays
     metrics: dict[str, Any]
     extra: dict[str, Arrays] = field(default_factory=dict)
+
+
+class _Claim(NamedTuple):
+    """Who a reply says it is, read when it arrives and resolved later in node order:
+    ``invalid`` (an empty reply, a malformed claim: the reason), else ``error`` (an error
+    reply: ``client error: <kind>``) with the name it may claim, else the claimed name."""
+
+    claim: str | None = None
+    error: str | None = None
+    invalid: str | None = None
+
+
+@dataclass
+class _Arrival:
+    """One train reply of a :class:`TrainReplies` round, after it was consumed.
+
+    ``reply`` has the metrics and ``num-examples`` but no arrays (they are in ``files``, one
+    scratch file per record) and no site until the round identifies it; ``error`` is why
+    decoding rejected it; ``norms`` are ||y_k - x|| (``arrays``) and ||Delta c_k||.
+    """
+
+    order: int  # arrival index: ties between two replies of one node keep arrival order
+    node: int
+    claim: _Claim
+    reply: Reply | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class TrainReplies:
+    """One round's train replies, consumed one at a time as they arrive (streaming).
+
+    :meth:`add` (``on_reply`` of :func:`server.federation.collect`) reads the reply's claimed
+    site, checks its content against the phase's schema and decodes it exactly as a list of
+    replies is (same checks, same rejection reasons), records its update norms and
+    ``num-examples`` and writes its arrays, cast to the global model's dtypes, to a scratch
+    file; neither the Message nor its arrays are kept. :meth:`_Base.aggregate_train` then
+    identifies the replies in node order (which node binds a contested site name does not
+    depend on arrival), decides the norm check and example cap from what was recorded, and
+    reads the accepted replies back one at a time in (site, node) order. ``close`` (or the end
+    of a ``with`` block) removes the scratch directory, also when the round fails.
+
+    Parameters
+    ----------
+    strategy : _Base
+        The strategy whose round this is (after its ``configure_train``).
+    scratch_dir : path, optional
+        Where the round's scratch directory is made (:class:`strategies.spill.Scratch`).
+    """
+
+    def __init__(self, strategy: _Base, scratch_dir: str | os.PathLike[str] | None = None) -> None:
+        self.strategy = strategy
+        self.round = strategy.round + 1
+        self.arrivals: list[_Arrival] = []
+        self.keys: dict[str, list[str]] = {}  # record -> array keys in saved order
+        self._sent = sent_nodes(strategy._sent)
+        self.scratch = Scratch(scratch_dir, prefix=f"{SCRATCH_PREFIX}r{self.round}-")
+
+    def add(self, msg: Message, node: int | None = None) -> None:
+        """Consume one reply; ``node`` defaults to the one its message went to
+        (:func:`reply_node`)."""
+        node = reply_node(msg, self._sent) if node is None else node
+        arrival = _Arrival(len(self.arrivals), node, self.strategy._claim(msg))
+        self.arrivals.append(arrival)
+        if arrival.claim.invalid is not None or arrival.claim.error is not None:
+            return  # rejected by its identity: nothing to decode
+        try:
+            reply = self.strategy._decode_train_reply(msg, node)
+        except ReplyError as err:
+            arrival.error = str(err)
+            return
+        arrival.norms = self.strategy._reply_norms(reply)
+        for name, arrays in {ARRAYS: reply.arrays, **reply.extra}.items():
+            self.keys.setdefault(name, list(arrays))
+            arrival.files[name] = self.scratch.save(arrays)
+        reply.arrays, reply.extra = {}, {}  # on disk now
+        arrival.reply = reply
+
+    def load(self, arrival: _Arrival, records: Iterable[str]) -> dict[str, Arrays]:
+        """The ``records`` of a consumed reply, read back from its scratch files."""
+        return {name: Scratch.load(arrival.files[name], self.keys[name]) for name in records}
+
+    def close(self) -> None:
+        """Remove the scratch files."""
+        self.scratch.close()
+
+    def __enter__(self) -> TrainReplies:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SpilledReplies(Lazy[Reply]):
+    """The accepted replies of a :class:`TrainReplies` round, in aggregation order, each read
+    from disk when accessed (with ``clip_norm`` applied to its model, as the bounds say).
+
+    ``headers`` have everything but the arrays (no disk access); :meth:`models` and
+    :meth:`records` are lazy sequences of one record each, for maths that iterate once.
+    """
+
+    def __init__(self, strategy: _Base, stream: TrainReplies, accepted: list[_Arrival]) -> None:
+        self.strategy = strategy
+        self.stream = stream
+        self.accepted = accepted
+        self.headers: list[Reply] = [a.reply for a in accepted if a.reply is not None]
+        super().__init__(len(accepted), self._reply)
+
+    def _model(self, i: int) -> Arrays:
+        return self.strategy._bounded(self.stream.load(self.accepted[i], [ARRAYS])[ARRAYS])
+
+    def _reply(self, i: int) -> Reply:
+        head, arrival = self.headers[i], self.accepted[i]
+        extra = self.stream.load(arrival, [n for n in arrival.files if n != ARRAYS])
+        return Reply(
+            head.site, head.node_id, head.num_examples, self._model(i), head.metrics, extra
+        )
+
+    def models(self) -> Lazy[Arrays]:
+        """The y_k (``arrays``), clipped where ``clip_norm`` is set."""
+        return Lazy(len(self), self._model)
+
+    def records(self, name: str) -> Lazy[Arrays]:
+        """The extra record ``name`` (e.g. Delta c_k) of each reply."""
+        return Lazy(len(self), lambda i: self.stream.load(self.accepted[i], [name])[name])
+
+
+def _headers(replies: Sequence[Reply]) -> Sequence[Reply]:
+    """Sites, counts and metrics of ``replies`` without reading any arrays from disk."""
+    return replies.headers if isinstance(replies, SpilledReplies) else replies
+
+
+def _models(replies: Sequence[Reply]) -> Sequence[Arrays]:
+    """The replies' y_k; lazily loaded one at a time for :class:`SpilledReplies`."""
+    return replies.models() if isinstance(replies, SpilledReplies) else [r.arrays for r in replies]
+
+
+def _records(replies: Sequence[Reply], name: str) -> Sequence[Arrays]:
+    """The replies' extra record ``name``; lazily loaded for :class:`SpilledReplies`."""
+    if isinstance(replies, SpilledReplies):
+        return replies.records(name)
+    return [r.extra[name] for r in replies]
 
 
 def reply_node(reply: Message, sent: Mapping[str, int]) -> int:
@@ -227,7 +386,11 @@ class SiteNames(Mapping[int, str]):
         self._restored = set(self._names)
 
 
-def _aggregate_metrics(replies: list[Reply]) -> MetricRecord:
+def _site_of(arrival: _Arrival) -> str:
+    return "" if arrival.reply is None else arrival.reply.site
+
+
+def _aggregate_metrics(replies: Sequence[Reply]) -> MetricRecord:
     """Example-weighted mean of the (scalar, checked) metrics every reply has;
     ``num-examples`` is summed."""
     total = sum(r.num_examples for r in replies)
@@ -295,6 +458,9 @@ class _Base(_FlowerFedAvg):
 
     name: ClassVar[str] = ""
     train_schema: ClassVar[ReplySchema] = TRAIN_SCHEMA
+    # Whether _aggregate takes the round's replies as a SpilledReplies (read from disk one at a
+    # time) or as a list with every reply's arrays loaded (a strategy written for a list).
+    streams: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -383,26 +549,33 @@ class _Base(_FlowerFedAvg):
         """Extra ArrayRecords sent with the model in configure_evaluate."""
         return {}
 
-    def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
-        """New global arrays from validated replies (:meth:`_combine_models` by default)."""
+    def _aggregate(self, global_arrays: Arrays, replies: Sequence[Reply]) -> Arrays:
+        """New global arrays from validated replies (:meth:`_combine_models` by default).
+
+        ``replies`` is a :class:`SpilledReplies` for a streaming strategy: iterate it (or
+        :func:`_models`) once to hold one reply at a time; :func:`_headers` reads no arrays.
+        """
         return self._combine_models(replies)
 
-    def _combine_models(self, replies: list[Reply]) -> Arrays:
+    def _combine_models(self, replies: Sequence[Reply]) -> Arrays:
         """The y_k's statistic of ``aggregator``: FedAvg's example-weighted mean (McMahan et
         al. 2017), the coordinate-wise median or trimmed mean (Yin et al., ICML 2018), or
-        multi-Krum with m = n - f (Blanchard et al., NeurIPS 2017)."""
-        ys = [r.arrays for r in replies]
+        multi-Krum with m = n - f (Blanchard et al., NeurIPS 2017).
+
+        The mean and the site-level DP mean run over the y_k once, one at a time; the robust
+        statistics need every y_k of the round at once and load them all."""
+        ys = _models(replies)
         if self.site_clip:  # site-level DP: unweighted, clipped, noised (README "Privacy")
             assert self._global is not None
             clip, sigma = self.site_clip, self.site_noise_multiplier
             return privacy.dp_mean(ys, self._global, clip, sigma, self._dp_rng)
         if self.aggregator == "median":
-            return robust.coordinate_median(ys)
+            return robust.coordinate_median(list(ys))
         if self.aggregator == "trimmed-mean":
-            return robust.trimmed_mean(ys, self.trim_beta)
+            return robust.trimmed_mean(list(ys), self.trim_beta)
         if self.aggregator == "multi-krum":
-            return robust.multi_krum(ys, self.byzantine, len(ys) - self.byzantine)
-        return maths.fedavg(ys, [r.num_examples for r in replies])
+            return robust.multi_krum(list(ys), self.byzantine, len(ys) - self.byzantine)
+        return maths.fedavg(ys, [r.num_examples for r in _headers(replies)])
 
     def _settings(self) -> dict[str, Any]:
         """Strategy hyperparameters, for ``summary``."""
@@ -519,36 +692,52 @@ class _Base(_FlowerFedAvg):
     def identify_one(self, msg: Message, node: int, round_: int, phase: str) -> str | None:
         """The site of ``node``'s reply ``msg``, or None after rejecting it (see
         :meth:`identify`)."""
+        return self._identify(node, self._claim(msg), round_, phase)
+
+    @staticmethod
+    def _claim(msg: Message) -> _Claim:
+        """What ``msg`` says about who sent it (nothing is resolved or recorded yet)."""
         if msg.has_error():  # named by the claim in its reason, bound as any first claim
             kind, claim = parse_error(msg.error.code, msg.error.reason)
-            site, problem = (
-                self.sites.resolve(node, claim) if claim else (self.sites.name(node), None)
-            )
-            self.reject(round_, site, problem or f"client error: {kind}", phase)
-            return None
+            return _Claim(claim, error=f"client error: {kind}")
         if not msg.has_content():
-            self.reject(round_, self.sites.name(node), "empty reply", phase)
-            return None
+            return _Claim(invalid="empty reply")
         try:
-            claim = site_claim(msg.content)
+            return _Claim(site_claim(msg.content))
         except ReplyError as err:
-            self.reject(round_, self.sites.name(node), str(err), phase)
+            return _Claim(invalid=str(err))
+
+    def _identify(self, node: int, claim: _Claim, round_: int, phase: str) -> str | None:
+        """The site of ``node``'s reply that made ``claim``, or None after rejecting it."""
+        if claim.invalid is not None:
+            self.reject(round_, self.sites.name(node), claim.invalid, phase)
             return None
-        site, problem = self.sites.resolve(node, claim)
+        if claim.error is not None:
+            site, problem = (
+                self.sites.resolve(node, claim.claim)
+                if claim.claim
+                else (self.sites.name(node), None)
+            )
+            self.reject(round_, site, problem or claim.error, phase)
+            return None
+        site, problem = self.sites.resolve(node, claim.claim)
         if problem is not None:
             self.reject(round_, site, problem, phase)
             return None
         return site
 
-    def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
+    def _decode_train_reply(self, msg: Message, node: int) -> Reply:
+        """The checked, decoded reply (its site is set once the round identifies it);
+        ``ReplyError`` says why it must be rejected."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
         content = msg.content
         metrics = check_content(content, self.train_schema)
         extra_refs = self._extra_references()
         expected = [ARRAYS, *extra_refs]
-        missing = [k for k in expected if k not in content.array_records]
-        unexpected = [k for k in content.array_records if k not in expected]
+        records = records_of(content, ArrayRecord)  # no view: the reply can be freed at once
+        missing = [k for k in expected if k not in records]
+        unexpected = [k for k in records if k not in expected]
         if missing or unexpected:  # names declared in the schema (check_content)
             what = [f"missing {k!r}" for k in missing] + [f"unexpected {k!r}" for k in unexpected]
             raise ReplyError(
@@ -558,7 +747,7 @@ class _Base(_FlowerFedAvg):
         parsed = {}
         for name, ref in {ARRAYS: self._global, **extra_refs}.items():
             try:
-                arrays = to_numpy(content.array_records[name])
+                arrays = to_numpy(records[name])
             except Exception as err:  # undecodable bytes are a reply fault; never quoted
                 raise ReplyError(f"{name}: cannot decode arrays ({type(err).__name__})") from err
             validate_reply(arrays, ref, record=name)
@@ -567,7 +756,7 @@ class _Base(_FlowerFedAvg):
                 validate_reply(cast, ref, record=name)  # e.g. float64 beyond float32 range
             parsed[name] = cast
         arrays = parsed.pop(ARRAYS)
-        return Reply(site, node, num_examples, arrays, metrics, parsed)
+        return Reply("", node, num_examples, arrays, metrics, parsed)
 
     def reject(self, round_: int, site: str, reason: str, phase: str = "train") -> None:
         """Record (and log) that ``site``'s ``phase`` reply of ``round_`` was dropped.
@@ -579,12 +768,34 @@ class _Base(_FlowerFedAvg):
         self.rejected.append(Rejection(round_, site, reason, phase))
 
     # --- bounds on one site's influence -------------------------------------------------
-    def _bound_influence(self, round_: int, replies: list[Reply]) -> list[Reply]:
-        """Norm check, example cap and clipping (README "Security and robustness")."""
+    def _reply_norms(self, reply: Reply) -> dict[str, float]:
+        """||y_k - x|| and ||Delta c_k|| of one reply (what :meth:`_check_norms` compares)."""
+        if not self.norm_factor:
+            return {}
+        assert self._global is not None
+        norms = {ARRAYS: float(robust.update_norms([reply.arrays], self._global)[0])}
+        for name in DELTA_RECORDS:
+            if name in reply.extra:
+                delta = reply.extra[name]
+                zeros = {k: np.zeros_like(v) for k, v in delta.items()}
+                norms[name] = float(robust.update_norms([delta], zeros)[0])
+        return norms
+
+    def _bounded(self, arrays: Arrays) -> Arrays:
+        """A reply's model as it is aggregated: clipped to ``clip_norm`` around x if set."""
+        if not self.clip_norm:
+            return arrays
+        assert self._global is not None
+        return _clipped(arrays, self._global, self.clip_norm)
+
+    def _bound_influence(self, round_: int, replies: list[_Arrival]) -> list[_Arrival]:
+        """Norm check and example cap (README "Security and robustness"); clipping is applied
+        when each model is read back (:meth:`_bounded`)."""
         replies = self._check_norms(round_, replies)
-        if self.max_examples_factor and replies:
-            claims = [r.num_examples for r in replies]
-            for r, n in zip(replies, robust.cap_examples(claims, self.max_examples_factor)):
+        heads = [r.reply for r in replies if r.reply is not None]
+        if self.max_examples_factor and heads:
+            claims = [r.num_examples for r in heads]
+            for r, n in zip(heads, robust.cap_examples(claims, self.max_examples_factor)):
                 if n < r.num_examples:
                     log(
                         WARNING,
@@ -598,28 +809,20 @@ class _Base(_FlowerFedAvg):
                     )
                     r.num_examples = n
                     r.metrics[NUM_EXAMPLES] = n
-        if self.clip_norm and replies:
-            assert self._global is not None
-            for r in replies:
-                r.arrays = _clipped(r.arrays, self._global, self.clip_norm)
         return replies
 
-    def _check_norms(self, round_: int, replies: list[Reply]) -> list[Reply]:
+    def _check_norms(self, round_: int, replies: list[_Arrival]) -> list[_Arrival]:
         """Reject replies whose ||y_k - x|| (or ||Delta c_k||) exceeds ``norm_factor`` x the
-        round's lower median of that norm (:func:`strategies.robust.norm_outliers`'s rule)."""
+        round's lower median of that norm (:func:`strategies.robust.norm_outliers`'s rule),
+        from the norms recorded as the replies arrived."""
         if not self.norm_factor or len(replies) < 2:
             return replies
         assert self._global is not None
-        checks: list[tuple[str, list[Arrays], Arrays, float]] = []
         floor = robust.global_norm(self._global) / self.norm_factor  # x never moves past ||x||
-        checks.append((ARRAYS, [r.arrays for r in replies], self._global, floor))
-        for name in DELTA_RECORDS:
-            if name in replies[0].extra:
-                zeros = {k: np.zeros_like(v) for k, v in replies[0].extra[name].items()}
-                checks.append((name, [r.extra[name] for r in replies], zeros, 0.0))
+        checks = [(ARRAYS, floor)] + [(n, 0.0) for n in DELTA_RECORDS if n in replies[0].norms]
         flagged: dict[int, str] = {}
-        for name, arrays, reference, floor in checks:
-            norms = robust.update_norms(arrays, reference)
+        for name, floor in checks:
+            norms = [r.norms[name] for r in replies]
             lmed = _lower_median(norms) or floor
             if lmed <= 0:
                 continue  # nothing moved in most replies and there is no scale: no check
@@ -630,21 +833,49 @@ class _Base(_FlowerFedAvg):
                         f"(robust.norm-factor {self.norm_factor:g})"
                     )
         for i, reason in sorted(flagged.items()):
-            self.reject(round_, replies[i].site, reason, "train")
+            head = replies[i].reply
+            assert head is not None
+            self.reject(round_, head.site, reason, "train")
         return [r for i, r in enumerate(replies) if i not in flagged]
 
+    def train_replies(self, scratch_dir: str | os.PathLike[str] | None = None) -> TrainReplies:
+        """A streaming round (:class:`TrainReplies`): pass its ``add`` each train reply as it
+        arrives, then the stream itself to :meth:`aggregate_train`; close it (``with``)."""
+        return TrainReplies(self, scratch_dir)
+
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message] | TrainReplies
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, drop bad ones, aggregate the rest; advances ``self.round``."""
+        """Validate replies, drop bad ones, aggregate the rest; advances ``self.round``.
+
+        ``replies`` is a :class:`TrainReplies` that consumed the round's replies as they
+        arrived, or the reply Messages, which are fed to one here (scratch in the system's
+        temporary directory) one at a time, so an iterator of replies streams too. Either way
+        arrival order does not change the result.
+        """
+        if isinstance(replies, TrainReplies):
+            return self._finish_train(replies)
+        with self.train_replies() as stream:
+            for msg in replies:
+                stream.add(msg)
+            return self._finish_train(stream)
+
+    def _finish_train(self, stream: TrainReplies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Identify (node order), reject, bound and aggregate the replies ``stream`` took."""
         round_ = self.round + 1
-        valid: list[Reply] = []
-        for msg, node, site in self.identify(replies, round_, "train"):
-            try:
-                valid.append(self._parse_train_reply(msg, node, site))
-            except ReplyError as err:
-                self.reject(round_, site, str(err), "train")
-        valid.sort(key=lambda r: (r.site, r.node_id))  # arrival order must not matter
+        valid: list[_Arrival] = []
+        identified = []
+        for arrival in sorted(stream.arrivals, key=lambda a: (a.node, a.order)):
+            site = self._identify(arrival.node, arrival.claim, round_, "train")
+            if site is not None:
+                identified.append((arrival, site))
+        for arrival, site in identified:
+            if arrival.reply is None:
+                self.reject(round_, site, arrival.error or "unreadable reply", "train")
+                continue
+            arrival.reply.site = site
+            valid.append(arrival)
+        valid.sort(key=lambda a: (_site_of(a), a.node))  # arrival order must not matter
         valid = self._bound_influence(round_, valid)
         log(INFO, "aggregate_train: %s valid replies", len(valid))
         needed = self.min_valid_replies
@@ -659,10 +890,12 @@ class _Base(_FlowerFedAvg):
         if not valid:
             return None, None
         assert self._global is not None
-        new_global = self._aggregate(self._global, valid)
-        self.train_site_metrics[round_] = {r.site: r.metrics for r in valid}
+        spilled = SpilledReplies(self, stream, valid)
+        new_global = self._aggregate(self._global, spilled if self.streams else list(spilled))
+        heads = spilled.headers
+        self.train_site_metrics[round_] = {r.site: r.metrics for r in heads}
         self.round = round_
-        return to_record(new_global), _aggregate_metrics(valid)
+        return to_record(new_global), _aggregate_metrics(heads)
 
     # --- evaluate ---------------------------------------------------------------------
     def configure_evaluate(
@@ -781,7 +1014,7 @@ class _FedOpt(_Base):
         names = ("eta", "beta_1", "beta_2", "tau", "v_init", "bias_correction")
         return {n: getattr(self, n) for n in names}
 
-    def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
+    def _aggregate(self, global_arrays: Arrays, replies: Sequence[Reply]) -> Arrays:
         avg = super()._aggregate(global_arrays, replies)
         if self.m is None or self.v is None:
             self.m, self.v = maths.fedopt_init(global_arrays, self.tau, self.v_init)
@@ -890,7 +1123,7 @@ class Scaffold(_Base):
         self.weighted = weighted
         self.c_global: Arrays | None = None
         self.accepted: dict[str, str] = {}  # site -> token of its last aggregated reply
-        self._tokens: dict[tuple[str, int], str] = {}  # (site, node) -> token, this round
+        self._tokens: dict[int, str] = {}  # node -> token of its reply, this round
 
     def _init_c(self) -> Arrays:
         if self.c_global is None:
@@ -916,34 +1149,35 @@ class Scaffold(_Base):
     def _extra_records(self) -> dict[str, ArrayRecord]:
         return {SCAFFOLD_C_GLOBAL: to_record(self._init_c())}
 
-    def _parse_train_reply(self, msg: Message, node: int, site: str) -> Reply:
-        reply = super()._parse_train_reply(msg, node, site)
-        config = msg.content.config_records.get(CONFIG)
+    def _decode_train_reply(self, msg: Message, node: int) -> Reply:
+        reply = super()._decode_train_reply(msg, node)
+        config = records_of(msg.content, ConfigRecord).get(CONFIG)
         token = None if config is None else config.get(SCAFFOLD_TOKEN)
         if token is not None:
             hexdigits = set("0123456789abcdef")
             if not (isinstance(token, str) and 16 <= len(token) <= 64 and set(token) <= hexdigits):
                 raise ReplyError(f"{CONFIG}[{SCAFFOLD_TOKEN!r}]: expected 16-64 hex characters")
-            self._tokens[(site, node)] = token
+            self._tokens[node] = token
         return reply
 
     def _extra_references(self) -> dict[str, Arrays]:
         return {SCAFFOLD_C_DELTA: self._init_c()}
 
-    def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
+    def _aggregate(self, global_arrays: Arrays, replies: Sequence[Reply]) -> Arrays:
         # N: the federation's sites (data.num-sites), not the nodes sampled or connected
         num_clients = max(self.num_clients or self.num_nodes, len(replies))
-        new, self.c_global = maths.scaffold_server_update(
+        heads = _headers(replies)
+        new, self.c_global = maths.scaffold_server_update(  # y_k, then Delta c_k, streamed
             global_arrays,
-            [r.arrays for r in replies],
+            _models(replies),
             self._init_c(),
-            [r.extra[SCAFFOLD_C_DELTA] for r in replies],
+            _records(replies, SCAFFOLD_C_DELTA),
             eta_g=self.eta_g,
             num_clients=num_clients,
-            weights=[r.num_examples for r in replies] if self.weighted else None,
+            weights=[r.num_examples for r in heads] if self.weighted else None,
         )
-        for r in replies:  # their Delta c_k are in c now: their sites may commit c_k^+
-            token = self._tokens.get((r.site, r.node_id))
+        for r in heads:  # their Delta c_k are in c now: their sites may commit c_k^+
+            token = self._tokens.get(r.node_id)
             if token is None:
                 self.accepted.pop(r.site, None)
             else:

@@ -40,22 +40,67 @@ def _normalized(weights: Sequence[float], n: int) -> list[float]:
 
 
 def check_same_layout(updates: Sequence[Mapping[str, np.ndarray]]) -> None:
-    first = updates[0]
+    shapes = _shapes(updates[0])
     for i, u in enumerate(updates[1:], start=1):
-        if list(u) != list(first):
-            raise ValueError(f"update {i} has keys {list(u)}, update 0 has {list(first)}")
-        for key, a in u.items():
-            if a.shape != first[key].shape:
-                raise ValueError(f"update {i}[{key!r}]: shape {a.shape} != {first[key].shape}")
+        check_layout(i, u, shapes)
 
 
-def _weighted_sum(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Sum_k w_k a_k accumulated in float64 (complex128 for complex input)."""
-    acc_dtype = np.complex128 if arrays[0].dtype.kind == "c" else np.float64
-    acc: np.ndarray[Any, np.dtype[Any]] = np.zeros(arrays[0].shape, dtype=acc_dtype)
-    for a, w in zip(arrays, weights):
-        acc += np.asarray(a, dtype=acc_dtype) * w
-    return acc
+def _shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: np.shape(a) for k, a in arrays.items()}
+
+
+def check_layout(
+    i: int, update: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    """``update`` (the i-th) has the keys (same order) and ``shapes`` of update 0."""
+    if list(update) != list(shapes):
+        raise ValueError(f"update {i} has keys {list(update)}, update 0 has {list(shapes)}")
+    for key, a in update.items():
+        if a.shape != shapes[key]:
+            raise ValueError(f"update {i}[{key!r}]: shape {a.shape} != {shapes[key]}")
+
+
+class WeightedSum:
+    r"""Running :math:`\sum_k w_k a_k` of same-layout dicts of arrays, fed one at a time.
+
+    Each key is accumulated in float64 (complex128 for complex input, as the first update
+    decides), starting from zeros and adding ``w_k a_k`` in the order :meth:`add` is called,
+    so it holds one float64 copy of the layout and never an update; summing the same updates
+    in the same order gives the same bits as a list-based sum. Keys, order and shapes must
+    match the first update (or ``reference``, counted as update 0).
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray] | None = None) -> None:
+        self.count = 0
+        self._shapes = None if reference is None else _shapes(reference)
+        self._offset = 0 if reference is None else 1  # numbering in layout errors
+        self._acc: Arrays = {}
+        self.dtypes: dict[str, np.dtype] = {}  # of the first update: the cast-back dtypes
+
+    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        """acc += weight * update (each key in the accumulator's dtype)."""
+        if self._shapes is None:
+            self._shapes = _shapes(update)
+        check_layout(self.count + self._offset, update, self._shapes)
+        if self.count == 0:
+            for key, a in update.items():
+                acc_dtype = np.complex128 if a.dtype.kind == "c" else np.float64
+                self._acc[key] = np.zeros(a.shape, dtype=acc_dtype)
+                self.dtypes[key] = a.dtype
+        for key, a in update.items():
+            acc = self._acc[key]
+            term = np.array(a, dtype=acc.dtype)  # a copy, scaled in place: one temporary
+            term *= weight
+            acc += term
+        self.count += 1
+
+    def total(self) -> Arrays:
+        """The float64 (complex128) sums."""
+        return self._acc
+
+    def cast(self) -> Arrays:
+        """The sums cast back to the first update's dtypes (:func:`_cast_like`)."""
+        return {key: _cast_like(acc, self.dtypes[key]) for key, acc in self._acc.items()}
 
 
 def _cast_like(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -76,7 +121,9 @@ def fedavg(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
     Parameters
     ----------
     updates : sequence of dict[str, np.ndarray]
-        Client models y_k, all with the same keys (same order) and shapes.
+        Client models y_k, all with the same keys (same order) and shapes. Iterated once, in
+        order, one update at a time (:class:`WeightedSum`): a lazy sequence that loads each
+        y_k on demand keeps one model in memory.
     weights : sequence of float
         Positive weights n_k (number of examples); normalised here.
 
@@ -87,11 +134,10 @@ def fedavg(updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
         the rounded weighted mean (``np.rint``), cast back to their dtype.
     """
     w = _normalized(weights, len(updates))
-    check_same_layout(updates)
-    return {
-        key: _cast_like(_weighted_sum([u[key] for u in updates], w), first.dtype)
-        for key, first in updates[0].items()
-    }
+    total = WeightedSum()
+    for k in range(len(updates)):  # by index: no loop variable keeps y_k while y_k+1 loads
+        total.add(updates[k], w[k])
+    return total.cast()
 
 
 def fedopt_init(
@@ -218,6 +264,7 @@ def scaffold_server_update(
         x, the model sent to the clients.
     client_arrays : sequence of dict
         The clients' trained models y_k (the server forms Delta y_k = y_k - x itself).
+        Iterated once, one at a time (:class:`WeightedSum`), as is ``c_deltas``.
     c_global : dict[str, np.ndarray]
         c; its keys are the float arrays that carry control variates.
     c_deltas : sequence of dict
@@ -240,24 +287,24 @@ def scaffold_server_update(
     if not 0 < n <= num_clients:
         raise ValueError(f"need 0 < |S| <= N, got |S|={n}, N={num_clients}")
     w = _normalized([1.0] * n if weights is None else weights, n)
-    check_same_layout([global_arrays, *client_arrays])
-    check_same_layout([c_global, *c_deltas])
+    ys = WeightedSum(reference=global_arrays)  # one pass over each sequence, by index
+    for k in range(n):
+        ys.add(client_arrays[k], w[k])
+    dcs = WeightedSum(reference=c_global)
+    for k in range(n):
+        dcs.add(c_deltas[k], 1.0 / n)  # uniform
 
     x_new: Arrays = {}
     for key, x in global_arrays.items():
-        y_mean = _weighted_sum([y[key] for y in client_arrays], w)
+        y_mean = ys.total()[key]
         if is_float(x):
             x64 = x.astype(np.float64)
             x_new[key] = (x64 + eta_g * (y_mean - x64)).astype(x.dtype)
         else:
             x_new[key] = _cast_like(y_mean, x.dtype)
 
-    uniform = [1.0 / n] * n
     c_new = {
-        key: (
-            c.astype(np.float64)
-            + (n / num_clients) * _weighted_sum([d[key] for d in c_deltas], uniform)
-        ).astype(c.dtype)
+        key: (c.astype(np.float64) + (n / num_clients) * dcs.total()[key]).astype(c.dtype)
         for key, c in c_global.items()
     }
     return x_new, c_new

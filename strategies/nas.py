@@ -17,13 +17,16 @@
 
 Both check their train replies against their own schema (``protocol.FAIR_TRAIN_SCHEMA``: the
 risk gap is required; ``protocol.SEARCH_SCHEMA``), with the identity and influence bounds of
-:class:`strategies.flower._Base`.
+:class:`strategies.flower._Base`. Their replies stream in and are spilled to disk as every
+strategy's are (:class:`strategies.flower.TrainReplies`), but their ``_aggregate`` takes the
+accepted replies as a list with all arrays loaded (``streams = False``): the fairness weights
+and α's mean are written for a list, and the search phase runs on a few sites.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +58,7 @@ class FairFedAvg(_Base):
 
     name = "fairfedavg"
     train_schema: ClassVar[ReplySchema] = FAIR_TRAIN_SCHEMA  # fair.risk-gap required
+    streams = False  # _aggregate takes the round's replies as a list, arrays loaded
 
     def __init__(self, *, gamma: float = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -70,7 +74,7 @@ class FairFedAvg(_Base):
     def _train_config(self, config: ConfigRecord) -> None:
         config[FAIR_REPORT] = True
 
-    def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
+    def _aggregate(self, global_arrays: Arrays, replies: Sequence[Reply]) -> Arrays:
         sites = [r.site for r in replies]
         prev = [self.weights.get(s, 1.0 / len(replies)) for s in sites]
         gaps = [float(r.metrics[FAIR_RISK_GAP]) for r in replies]
@@ -98,6 +102,7 @@ class NasSearch(_Base):
 
     name = "nas-search"
     train_schema: ClassVar[ReplySchema] = SEARCH_SCHEMA
+    streams = False  # _aggregate takes the round's replies as a list, arrays loaded
 
     def __init__(self, *, alpha: Mapping[str, np.ndarray] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -116,7 +121,7 @@ class NasSearch(_Base):
     def _extra_references(self) -> dict[str, Arrays]:
         return {NAS_ALPHA: self._alpha()}
 
-    def _aggregate(self, global_arrays: Arrays, replies: list[Reply]) -> Arrays:
+    def _aggregate(self, global_arrays: Arrays, replies: Sequence[Reply]) -> Arrays:
         n = [r.num_examples for r in replies]
         self.alpha = nas_maths.aggregate_alpha([r.extra[NAS_ALPHA] for r in replies], n)
         return self._combine_models(replies)

@@ -39,9 +39,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 # Record names (keys of a Message's RecordDict).
@@ -99,6 +100,21 @@ P_MIN_GAIN = "personalize.min-gain"
 
 # Scalar metrics of an evaluation (the ``zf-`` prefix: zero-filled on the same slices).
 METRIC_KEYS = ("ssim", "nrmse", "psnr")
+
+
+R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def records_of(content: RecordDict, kind: type[R]) -> dict[str, R]:
+    """The records of one kind (ArrayRecord, MetricRecord, ConfigRecord) in ``content``, in
+    order, as a plain dict.
+
+    Flower's ``RecordDict.array_records`` (and ``metric_records``, ``config_records``) is a
+    view that refers to itself through a bound method: a reference cycle that keeps the whole
+    content, every array's bytes, alive until the garbage collector runs. This keeps nothing,
+    so a reply the server has consumed is freed at once (streaming aggregation).
+    """
+    return {k: v for k, v in content.items() if isinstance(v, kind)}
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -466,9 +482,9 @@ def site_claim(content: RecordDict) -> str | None:
     """
     if CONFIG not in content:
         return None
-    if CONFIG not in content.config_records:
+    config = content[CONFIG]
+    if not isinstance(config, ConfigRecord):
         raise ReplyError(f"record {CONFIG!r} is not a ConfigRecord")
-    config = content.config_records[CONFIG]
     if SITE_ID not in config:
         return None
     return check_site_name(config[SITE_ID])
@@ -533,28 +549,30 @@ def check_content(content: RecordDict, schema: ReplySchema) -> dict[str, float |
     ReplyError
         With a short reason that never quotes reply content.
     """
-    arrays = list(content.array_records)
+    arrays = list(records_of(content, ArrayRecord))
+    metric_records = records_of(content, MetricRecord)
+    config_records = records_of(content, ConfigRecord)
     extra = [k for k in arrays if k not in schema.arrays]
     if extra:
         if not schema.arrays:
             raise ReplyError(f"{schema.phase} replies carry no arrays")
         raise ReplyError(f"unexpected array record(s) {_names(extra, _RECORD_NAMES, 'record')}")
     for kind, records, allowed in (
-        ("MetricRecord", content.metric_records, (METRICS,)),
-        ("ConfigRecord", content.config_records, (CONFIG,)),
+        ("MetricRecord", metric_records, (METRICS,)),
+        ("ConfigRecord", config_records, (CONFIG,)),
     ):
         bad = [k for k in records if k not in allowed]
         if bad:
             raise ReplyError(f"unexpected {kind}(s) {_names(bad, _RECORD_NAMES, 'record')}")
-    if len(content) != len(arrays) + len(content.metric_records) + len(content.config_records):
+    if len(content) != len(arrays) + len(metric_records) + len(config_records):
         raise ReplyError("records of an unknown kind")
-    if CONFIG in content.config_records:
-        _check_config(content.config_records[CONFIG], schema)
-    if METRICS not in content.metric_records:
+    if CONFIG in config_records:
+        _check_config(config_records[CONFIG], schema)
+    if METRICS not in metric_records:
         if schema.needs_metrics:
             raise ReplyError(f"missing MetricRecord {METRICS!r}")
         return {}
-    return check_metrics(dict(content.metric_records[METRICS]), schema)
+    return check_metrics(dict(metric_records[METRICS]), schema)
 
 
 def _check_config(config: Mapping[str, object], schema: ReplySchema) -> None:
