@@ -5,6 +5,8 @@ batch 1) one fresh subprocess times, round-robin and ``--repeats`` times (median
 
 * ``fft_floor``: the FFTs a MoDL forward cannot avoid, bare ``torch.fft.fft2`` / ``ifft2`` over
   all coils (``Nu * 2 * NCG`` for the CG normals plus one for ``A^H y``), no shifts;
+* ``denoiser_floor``: the U-Net alone, ``Nu`` calls (no grad): with the FFT floor, what a MoDL
+  forward cannot avoid whatever its physics does (``forward_over_floors``);
 * ``project``: :func:`recon.models.build_model` forward (no grad) and training step
   (forward, SSIM loss on the RSS magnitude, backward);
 * ``yardstick``: the same network written the straightforward way in this file
@@ -182,6 +184,13 @@ def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool)
                 torch.fft.ifft2(torch.fft.fft2(k, norm="ortho"), norm="ortho")
             torch.fft.ifft2(k, norm="ortho")
 
+    chans = torch.stack([x.real, x.imag], dim=1)
+
+    def denoiser_floor() -> None:  # the CNN alone, Nu times: what no physics change removes
+        with torch.no_grad():
+            for _ in range(unrolls):
+                denoiser.net(chans)
+
     # the yardstick computes the same thing (checked before timing)
     with torch.no_grad():
         a = model(y, SenseOp(maps, mask))
@@ -190,6 +199,7 @@ def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool)
         "model": model,
         "agreement": float((a - b).abs().max() / b.abs().max()),
         "fft_floor": fft_floor,
+        "denoiser_floor": denoiser_floor,
         "project_forward": project_forward,
         "yardstick_forward": plain_forward,
         "project_step": project_step,
@@ -218,7 +228,8 @@ def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: 
         if device == "cuda"
         else _rss_mb() - base_mb
     )
-    names = ("fft_floor", "project_forward", "yardstick_forward", "project_step", "yardstick_step")
+    names = ("fft_floor", "denoiser_floor", "project_forward", "yardstick_forward")
+    names += ("project_step", "yardstick_step")
     fns = {name: bench[name] for name in names}
     for fn in fns.values():  # warm-up
         fn()
@@ -251,6 +262,15 @@ def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: 
         "forward_over_yardstick": ratio("project_forward", "yardstick_forward"),
         "forward_over_fft_floor": ratio("project_forward", "fft_floor"),
         "yardstick_forward_over_fft_floor": ratio("yardstick_forward", "fft_floor"),
+        # the U-Net alone (Nu calls) against the FFTs: forward / FFT floor cannot go below
+        # 1 + this; forward_over_floors is the forward against FFTs + U-Net together
+        "denoiser_over_fft_floor": ratio("denoiser_floor", "fft_floor"),
+        "forward_over_floors": statistics.median(
+            f / (a + b)
+            for f, a, b in zip(
+                times["project_forward"], times["fft_floor"], times["denoiser_floor"], strict=True
+            )
+        ),
         "step_over_fft_floor": ratio("project_step", "fft_floor"),
         "step_over_forward": ratio("project_step", "project_forward"),
         "peak_train_mb": peak_train,
@@ -383,7 +403,9 @@ def main() -> int:
         print(
             f"  step {row['project_step_s'] * 1e3:.0f} ms = {row['step_over_yardstick']:.2f}x "
             f"plain MoDL; forward {row['forward_over_fft_floor']:.2f}x FFT floor "
-            f"(plain {row['yardstick_forward_over_fft_floor']:.2f}x), "
+            f"(plain {row['yardstick_forward_over_fft_floor']:.2f}x; the U-Net alone "
+            f"{row['denoiser_over_fft_floor']:.2f}x, forward {row['forward_over_floors']:.2f}x "
+            "FFTs + U-Net), "
             f"peak train +{row['peak_train_mb']:.0f} MB",
             file=sys.stderr,
             flush=True,

@@ -43,16 +43,27 @@ class FFTOp(LinearOp):
         return ifft2c(y)
 
 
-def _rmul_(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``z *= r`` in place for a complex ``z`` and a real ``r`` (broadcast), as real arithmetic:
-    torch would otherwise promote ``r`` to a complex copy and do a complex product."""
-    torch.view_as_real(z).mul_(r.unsqueeze(-1))
+def _interleave(r: torch.Tensor) -> torch.Tensor:
+    """A real ``[..., H, W]`` as ``[..., H, 2W]``, every value twice: the layout of a complex
+    ``[..., H, W]`` read as real numbers (:func:`_rmul_`)."""
+    return r.repeat_interleave(2, dim=-1).contiguous()
+
+
+def _rmul_(z: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """``z *= r`` in place for a contiguous complex ``z`` and a real ``r`` given interleaved
+    (``r2 = _interleave(r)``, broadcast), as one real product over ``z``'s numbers: torch would
+    otherwise promote ``r`` to a complex copy, and broadcasting ``r`` over the real/imaginary
+    pair (``view_as_real(z) * r[..., None]``) runs 6-13x slower than this contiguous product."""
+    if not z.is_contiguous():
+        raise ValueError("_rmul_ needs a contiguous complex tensor")
+    torch.view_as_real(z).flatten(-2).mul_(r2)
     return z
 
 
-def _rmul(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``z * r`` for a complex ``z`` and a real ``r`` (broadcast), as real arithmetic."""
-    return torch.view_as_complex(torch.view_as_real(z.resolve_conj()) * r.unsqueeze(-1))
+def _rmul(z: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """``z * r`` for a complex ``z`` and a real ``r`` given interleaved (:func:`_rmul_`)."""
+    pairs = torch.view_as_real(z.resolve_conj().contiguous()).flatten(-2) * r2
+    return torch.view_as_complex(pairs.unflatten(-1, (-1, 2)))
 
 
 class _Modulated:
@@ -75,8 +86,8 @@ class _Modulated:
         pre, post = _modulation(h, w, maps.real.dtype, maps.device)
         self.sm = maps * pre  # [B, C, H, W]: pre S
         self.sm_conj = torch.conj_physical(self.sm)  # [B, C, H, W]: conj(pre S), materialised
-        self.mask = mask  # [B|1, 1, H, W]: P
-        self.mask_mod = mask * post  # [B|1, 1, H, W]: c pre P (post = c pre)
+        self.mask = _interleave(mask)  # [B|1, 1, H, 2W]: P, interleaved for _rmul_
+        self.mask_mod = _interleave(mask * post)  # [B|1, 1, H, 2W]: c pre P (post = c pre)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = torch.fft.fft2(self.sm * x.unsqueeze(-3), norm="ortho")  # [B, C, H, W]
