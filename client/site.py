@@ -202,16 +202,10 @@ def parse_devices(value: object) -> tuple[str, ...]:
     return tuple(resolve_device(d) for d in names)
 
 
-def _split_kwargs(cfg: RunConfig, split: str) -> dict[str, Any]:
-    max_slices = (cfg.data.max_train_slices or None) if split == "train" else None
-    # horizontal-readout files (attribute ``readout``) are rotated (DataConfig.dataset_kwargs)
-    return cfg.data.dataset_kwargs(max_slices=max_slices)
-
-
 def split_key(site: Site, cfg: RunConfig, split: str) -> tuple[Any, ...]:
     """What identifies the slices of :func:`load_split` (site, split, dataset kwargs): the key
     of per-process caches of anything computed from them."""
-    return (str(site.path.resolve()), split, tuple(sorted(_split_kwargs(cfg, split).items())))
+    return (str(site.path.resolve()), split, tuple(sorted(cfg.data.split_kwargs(split).items())))
 
 
 def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:
@@ -219,7 +213,7 @@ def load_split(site: Site, cfg: RunConfig, split: str) -> SiteDataset:
     key = split_key(site, cfg, split)
     with _LOCK:
         if key not in _DATASETS:
-            _DATASETS[key] = SiteDataset(site.path, split=split, **_split_kwargs(cfg, split))
+            _DATASETS[key] = SiteDataset(site.path, split=split, **cfg.data.split_kwargs(split))
             while len(_DATASETS) > MAX_CACHED_SPLITS:
                 _DATASETS.popitem(last=False)
         _DATASETS.move_to_end(key)

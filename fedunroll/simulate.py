@@ -168,7 +168,28 @@ def ensure_sites(cfg: RunConfig, log: IO[str] = sys.stderr) -> list[Path]:
         iid=d.iid,
         overrides=overrides,
     )
+    cache_maps(cfg, dirs, log)
     return dirs
+
+
+SPLITS = ("train", "val", "test")
+
+
+def cache_maps(cfg: RunConfig, dirs: list[Path], log: IO[str] = sys.stderr) -> None:
+    """Compute the coil maps of ``dirs`` (cached on disk beside the data, as ``fedunroll data
+    prepare`` does) for the slices the sites will load, so that round 1 does not pay them.
+
+    The sites load the same splits with the same settings (``DataConfig.split_kwargs``), so
+    their first load finds the maps cached (a site reads them, it never recomputes them).
+    """
+    from recon.data.dataset import SiteDataset
+
+    t0 = time.perf_counter()
+    print(f"computing the coil maps of {len(dirs)} sites ...", file=log, flush=True)
+    for site in dirs:
+        for split in SPLITS:
+            SiteDataset(site, split=split, **cfg.data.split_kwargs(split))
+    print(f"coil maps ready in {time.perf_counter() - t0:.1f} s", file=log, flush=True)
 
 
 def _check_plan(root: Path, plan: Mapping[str, Any]) -> None:

@@ -273,6 +273,12 @@ class DataConfig(_Section):
             **extra,
         }
 
+    def split_kwargs(self, split: str) -> dict[str, Any]:
+        """:meth:`dataset_kwargs` of one split as the federation loads it: the training split
+        capped at ``max-train-slices``, the others whole."""
+        cap = (self.max_train_slices or None) if split == "train" else None
+        return self.dataset_kwargs(max_slices=cap)
+
 
 class RunSection(_Section):
     """Run directory, resume, device and the non-federated baselines in the same results."""

@@ -141,13 +141,14 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     events.run_started(run_dir.name, cfg.flat(), progress.round, cfg.federation.num_server_rounds)
     # Held-out (unseen) sites never see a train or evaluate message: the rounds get a view of
     # the grid without them; they only personalize at the end (server/personalize.py). The same
-    # view names every node (query.site) before the first draw of a partial participation, so
-    # the strategy samples by site name and a resumed run with new node ids draws the same sites.
-    named = cfg.data.unseen_sites or _samples(cfg)
-    training_grid = TrainingGrid(grid, cfg, strategy.sites) if named else None
+    # view names every node (query.site, answered from the node config) before round 1: the
+    # strategy samples by site name, so a resumed run with new node ids draws the same sites,
+    # and the sites' processes are up before round 1's clock starts (a Ray simulation starts
+    # its workers and imports the ClientApp on the first message; README "Performance").
+    training_grid = TrainingGrid(grid, cfg, strategy.sites)
     extra_config = nas_phase.genotype_config(genotype)
     fed = Federation(
-        training_grid or grid, strategy, cfg, run_dir, run_uid, after_round, extra_config, events
+        training_grid, strategy, cfg, run_dir, run_uid, after_round, extra_config, events
     )
     personalization: dict[str, Any] = {}
     final: dict[str, Any] = {"federated": {}, "zero_filled": {}}
@@ -165,8 +166,8 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
                 progress.arrays,
                 cfg,
                 run_uid,
-                unseen=training_grid.unseen if training_grid else None,
-                sites={**(training_grid.sites if training_grid else {}), **fed.sites},
+                unseen=training_grid.unseen,
+                sites={**training_grid.sites, **fed.sites},
                 extra_config=extra_config,
             )
     except Exception as exc:
@@ -197,14 +198,6 @@ def _federate(grid: Grid, cfg: RunConfig, run_dir: Path, after_round: Any) -> di
     if error is not None:
         raise error
     return out
-
-
-def _samples(cfg: RunConfig) -> bool:
-    """Whether the rounds sample a subset of the sites (``sites-per-round``, fractions < 1)."""
-    fed = cfg.federation
-    if fed.sites_per_round:
-        return fed.sites_per_round < cfg.data.num_sites
-    return fed.fraction_fit < 1 or fed.fraction_evaluate < 1
 
 
 def _training_genotype(

@@ -74,6 +74,10 @@ class TrainingGrid(Grid):
     def __init__(self, grid: Grid, cfg: RunConfig, sites: SiteNames | None = None) -> None:
         self.grid = grid
         self.timeout = cfg.federation.round_timeout
+        # once min-fit-clients answered, the rest get the round's grace period (round-grace):
+        # a silent node costs seconds here, not round-timeout
+        self.needed = cfg.federation.min_fit_clients
+        self.grace = cfg.federation.round_grace
         self.unseen: dict[int, bool] = {}
         self.sites = SiteNames() if sites is None else sites
 
@@ -88,7 +92,9 @@ class TrainingGrid(Grid):
             Message(RecordDict({CONFIG: ConfigRecord()}), dst_node_id=n, message_type=SITE_QUERY)
             for n in new
         ]
-        pairs, missing = exchange(self.grid, msgs, self.timeout)
+        pairs, missing = exchange(
+            self.grid, msgs, self.timeout, needed=min(len(new), self.needed), grace=self.grace
+        )
         for reply, node in sorted(pairs, key=lambda p: p[1]):
             self.unseen[node] = False
             site, why = self._read(reply, node)

@@ -80,7 +80,7 @@ def _metrics(kind: str, split: str) -> dict[str, Any]:
     }
 
 
-def _name(config: Any, node_config: dict[str, Any], fault: str) -> str:
+def _name(config: Any, node_config: dict[str, Any], fault: str, query: bool = False) -> str:
     own = str(node_config.get("site-id", "hostile"))
     if fault == "site-name":
         return MARKER * 60
@@ -90,7 +90,10 @@ def _name(config: Any, node_config: dict[str, Any], fault: str) -> str:
     if fault == "claim":
         start = int(node_config.get("claim-from-round", 2))
         rnd = config.get(SERVER_ROUND)
-        # round r's evaluate message carries r too; the final evaluation carries none
+        # round r's evaluate message carries r too; the final evaluation carries none, and
+        # neither does the query that names every node before round 1
+        if query:
+            return own
         return claim if rnd is None or int(rnd) >= start else own
     return own
 
@@ -107,7 +110,7 @@ def client(msg: Message, context: Context) -> Message:
     kind = msg.metadata.message_type
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     split = str(config.get(EVAL_SPLIT, "val"))
-    name = _name(config, nc, fault)
+    name = _name(config, nc, fault, query=kind == SITE_QUERY)
     if kind == SITE_QUERY:
         reply = ConfigRecord({SITE_ID: name, UNSEEN: False})
         return Message(RecordDict({CONFIG: reply}), reply_to=msg)
