@@ -11,7 +11,15 @@ anything that is not a version-1 event. :func:`summarize` folds the events into:
      "nrmse", "psnr", "seconds", "bytes", "rejections"}}, "curves": {"loss" | "ssim" | "nrmse"
      | "psnr": {site: [[round, value], ...]}}, "timeline": [{"round", "seconds", "site_seconds",
      "train", "evaluate", "checkpoint", "bytes_sent", "bytes_received"}], "rejections":
-     [{"round", "phase", "site", "reason"}], "config": {...}, "final": {...}}
+     [{"round", "phase", "site", "reason"}], "config": {...}, "final": {...}, "dp": {"records":
+     [{"round", "privacy"}], "section": {...} | None}}
+
+``dp`` holds the differential-privacy figures as the server wrote them: ``records`` the
+non-empty ``privacy`` dict of each round record (``server.privacy.round_privacy``), in round
+order and, like every per-round figure, without the rounds a resume redoes; ``section`` the
+``privacy`` section of ``results.json`` (``server.privacy.privacy_summary``) of a run that is
+over (:func:`load_run`), else ``None``. ``fedunroll.dashboard.privacy`` makes its epsilon
+figures of them.
 """
 
 from __future__ import annotations
@@ -118,10 +126,12 @@ def summarize(
         "rejections": [],
         "config": {},
         "final": {},
+        "dp": {"records": [], "section": None},
     }
     sites: dict[str, dict[str, Any]] = s["sites"]
     timeline: dict[int, dict[str, Any]] = {}
     marks: dict[int, dict[str, float]] = {}  # round -> event times
+    privacy: dict[int, dict[str, Any]] = {}  # round -> the privacy dict of its record
     origin = {"host": None, "pid": None}
     prior = 0.0  # seconds of earlier invocations (resume)
     segment_start: float | None = None
@@ -151,10 +161,9 @@ def summarize(
                 s["rounds"] = e["rounds"]
             origin = {"host": e.get("host"), "pid": e.get("pid")}
             # a resume redoes the rounds after its checkpoint: drop what a killed run left
-            for k in [k for k in timeline if k > start]:
-                del timeline[k]
-            for k in [k for k in marks if k > start]:
-                del marks[k]
+            for by_round in (timeline, marks, privacy):
+                for k in [k for k in by_round if k > start]:
+                    del by_round[k]
             s["rejections"] = [x for x in s["rejections"] if x["round"] <= start]
             for curve in s["curves"].values():
                 for pts in curve.values():
@@ -231,6 +240,7 @@ def summarize(
                     e.get("bytes_received") if isinstance(e.get("bytes_received"), int) else 0
                 ),
             }
+            privacy[r] = _dict(e.get("privacy"))
             s["current"] = {"round": r, "phase": "checkpoint", "since": t}
         elif kind == "checkpoint-written" and r is not None:
             marks.setdefault(r, {})["checkpoint"] = t
@@ -254,6 +264,7 @@ def summarize(
         row["evaluate"] = end - train_end if end is not None and train_end is not None else None
         row["checkpoint"] = ckpt - end if ckpt is not None and end is not None else None
     s["timeline"] = [timeline[k] for k in sorted(timeline)]
+    s["dp"]["records"] = [{"round": k, "privacy": p} for k, p in sorted(privacy.items()) if p]
     if s["live"] and _pid_gone(origin["host"], origin["pid"]):
         s.update(status="stopped", live=False, current=None)
     if segment_start is not None:
@@ -349,20 +360,23 @@ def summarize_results(results: Mapping[str, Any], name: str = "") -> dict[str, A
     s["elapsed"] = _num(timings.get("total_seconds")) or s["elapsed"]
     for row in s["timeline"]:
         row["train"] = row["evaluate"] = row["checkpoint"] = None  # not recorded
+    s["dp"]["section"] = _dict(results.get("privacy")) or None
     return s
 
 
 def load_run(run_dir: str | os.PathLike[str], now: float | None = None) -> dict[str, Any]:
     """The summary of a run directory: from its events, else its ``results.json``.
 
-    Raises ``FileNotFoundError`` when it holds neither.
+    Each file is read once. With events, ``results.json`` is read only for a run that is over
+    and only when needed: for the final metrics its events lack, or for the privacy section
+    when its rounds carry privacy figures. Raises ``FileNotFoundError`` when it holds neither.
     """
     run = Path(run_dir)
     events = read_events(run / EVENTS)
     if events:
         s = summarize(events, name=run.name, now=now)
-        if not s["final"] and not s["live"]:
-            _final_from_results(s, run)
+        if not s["live"] and (not s["final"] or s["dp"]["records"]):
+            _over_from_results(s, run)
         return s
     path = run / RESULTS
     if not path.is_file():
@@ -376,13 +390,17 @@ def load_run(run_dir: str | os.PathLike[str], now: float | None = None) -> dict[
     return summarize_results(data, name=run.name)
 
 
-def _final_from_results(s: dict[str, Any], run: Path) -> None:
+def _over_from_results(s: dict[str, Any], run: Path) -> None:
+    """From the ``results.json`` of a run (shown from its events) that is over: the final
+    metrics when its events lack them, and the privacy section (``s["dp"]["section"]``)."""
     try:
         data = json.loads((run / RESULTS).read_text())
-        if isinstance(data, dict) and isinstance(data.get("final"), dict):
-            s["final"] = data["final"]
     except (OSError, ValueError):
-        pass
+        return
+    data = _dict(data)
+    if not s["final"] and isinstance(data.get("final"), dict):
+        s["final"] = data["final"]
+    s["dp"]["section"] = _dict(data.get("privacy")) or None
 
 
 def is_run_dir(path: Path) -> bool:

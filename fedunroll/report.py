@@ -22,12 +22,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recon.fileio import atomic_write_text
 from server.results import FINAL_METHODS as METHODS
 from server.results import METRIC_KEYS as METRICS
 from server.results import ResultsError, validate_results
+
+if TYPE_CHECKING:
+    from recon.config import RunConfig  # imports torch: only where a config is parsed
 
 LABELS = {
     "federated": "federated",
@@ -440,13 +443,21 @@ def plot_site_bars(results: Mapping[str, Any], path: Path) -> Path | None:
     return path
 
 
-def data_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """:class:`~recon.data.dataset.SiteDataset` keyword arguments from the flat run config
-    (the same slices, crop and masks the sites used: see ``client.site.load_split``)."""
+def recorded_run_config(config: Mapping[str, Any]) -> RunConfig:
+    """A run's recorded flat config (``results.json``, its events, a checkpoint) parsed by
+    ``recon.config.parse_run_config``, keys of other versions dropped; raises its
+    ``ConfigError`` for a bad value."""
     from recon.config import VALID_KEYS, parse_run_config
 
     known = {k: v for k, v in config.items() if k in VALID_KEYS}  # keys of older versions dropped
-    return parse_run_config(known).data.dataset_kwargs()  # rotated by file attribute, as at sites
+    return parse_run_config(known)
+
+
+def data_kwargs_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`~recon.data.dataset.SiteDataset` keyword arguments from the flat run config
+    (the same slices, crop and masks the sites used: see ``client.site.load_split``; rotated
+    by file attribute, as at the sites)."""
+    return recorded_run_config(config).data.dataset_kwargs()
 
 
 def _grid_inputs(

@@ -24,7 +24,7 @@ from test_app_support import tiny_config, tiny_sites
 
 from fedunroll.dashboard import resolve_token
 from fedunroll.dashboard.app import COOKIE, RunsDir, create_app
-from fedunroll.dashboard.privacy import run_privacy
+from fedunroll.dashboard.privacy import dp_on, run_privacy
 from fedunroll.events import load_run, read_events, rejections_table, summarize
 from recon.config import RunConfig, parse_run_config
 from server.app import run_federation
@@ -633,12 +633,54 @@ def test_epsilon_of_a_live_dp_run(dp_runs) -> None:
     assert listing["dp-live"]["epsilon_max"] == 2.25 and listing["plain"]["epsilon_max"] is None
     # the panel the page swaps in while the run lives carries the same
     assert "ε (δ=1e-05)</th>" in c.get("/runs/dp-live/panel").text
-    # resumed from the checkpoint of round 1: round 2's epsilon is gone with the round
+    assert "dp" not in c.get("/api/runs/dp-live").json()  # the figures, not what they're made of
+
+
+def test_epsilon_of_a_resumed_dp_run(dp_runs) -> None:
+    """A resume from the checkpoint of round k drops the killed run's privacy records after k
+    in the one summary (fedunroll.events.summarize) the page, the API and run_privacy read;
+    the rounds it redoes bring their own."""
+    runs, _ = dp_runs
     run = runs / "dp-live"
-    with open(run / EVENTS, "a") as f:
-        f.write(json.dumps({"v": 1, "t": 1030.0, "type": "run-started", "round": 1}) + "\n")
-    p = run_privacy(run, load_run(run))
+
+    def append(*events: dict[str, Any]) -> None:
+        with open(run / EVENTS, "a") as f:
+            f.writelines(json.dumps({"v": 1, **e}) + "\n" for e in events)
+
+    append({"t": 1030.0, "type": "run-started", "round": 1})
+    s = load_run(run)
+    assert [x["round"] for x in s["dp"]["records"]] == [1] and s["dp"]["section"] is None
+    p = run_privacy(s)
     assert p is not None and p["round"] == 1 and p["epsilon"] == {"site0": 1.5, "site1": 1.25}
+    assert p["epsilon_max"] == 1.5 and p["epsilon_next_max"] == 2.25
+    c = _client(runs)
+    api = c.get("/api/runs/dp-live").json()["privacy"]
+    assert api["curves"]["epsilon"] == {"site0": [[1, 1.5]], "site1": [[1, 1.25]]}
+    assert len(api["curves"]["site_level"]) == 1 and api["round"] == 1
+    assert _fact(c.get("/runs/dp-live").text, "max ε so far, slice-level (after round 1)") == "1.5"
+    listing = {r["id"]: r for r in c.get("/api/runs").json()["runs"]}
+    assert listing["dp-live"]["epsilon_max"] == 1.5
+    # round 2 redone: its new figures, not the killed run's
+    redone = {"epsilon": {"site0": 2.0}, "epsilon_next": {"site0": 2.5}, "delta": 1e-5}
+    append({"t": 1040.0, "type": "round-finished", "round": 2, "privacy": redone})
+    api = c.get("/api/runs/dp-live").json()["privacy"]
+    assert api["curves"]["epsilon"]["site0"] == [[1, 1.5], [2, 2.0]]
+    assert (api["epsilon"], api["epsilon_next_max"]) == ({"site0": 2.0, "site1": 1.25}, 2.5)
+
+
+def test_dp_on_reads_the_config_with_the_project_parser() -> None:
+    """dp_on parses the flat config with recon.config.parse_run_config (keys of other
+    versions dropped, values coerced as the server does); a config it refuses is no DP."""
+    assert dp_on({}) == (False, False) and dp_on({"num-server-rounds": 4}) == (False, False)
+    assert dp_on(DP) == (True, True)
+    assert dp_on({"dp.enabled": "true", "dp.site-clip": "0", "retired.key": 1}) == (True, False)
+    assert dp_on({"strategy.name": "fedavg", "dp.site-clip": "0.5"}) == (False, True)
+    # refused by the parser (noise 0 makes epsilon infinite; a negative clip; site-clip with
+    # the default strategy, scaffold, in a partial config): no DP
+    assert dp_on({"dp.enabled": True, "dp.noise-multiplier": 0.0}) == (False, False)
+    assert dp_on({"strategy.name": "fedavg", "dp.site-clip": -1.0}) == (False, False)
+    assert dp_on({"dp.site-clip": 0.5}) == (False, False)
+    assert run_privacy({"config": {"dp.site-clip": 0.5}, "dp": {"records": []}}) is None
 
 
 def test_epsilon_and_stop_reason_of_finished_dp_runs(dp_runs) -> None:

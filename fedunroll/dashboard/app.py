@@ -8,8 +8,9 @@ Routes (GET and HEAD only; any other method is 405, so nothing can change a run)
     /runs/{run}/panel          the run's panel alone (HTML; what the page swaps in)
     /compare?a=RUN&b=RUN       two runs side by side with their config differences
     /api/runs                  JSON: the runs and their summaries
-    /api/runs/{run}            JSON: one run's summary (``fedunroll.events.summarize``) and
-                               its ``privacy`` (``fedunroll.dashboard.privacy``; null without DP)
+    /api/runs/{run}            JSON: one run's summary (``fedunroll.events.summarize``) with
+                               its ``privacy`` (``fedunroll.dashboard.privacy``; null without
+                               DP) in place of the ``dp`` figures it is made of
     /api/runs/{run}/stream     server-sent events: the run's version whenever its files change
     /static/...                the package's stylesheet and script (no external asset)
 
@@ -252,7 +253,8 @@ def _run_routes(runs: RunsDir) -> list[Route]:
             s = load_run(path)
         except FileNotFoundError:
             return None
-        s["privacy"] = run_privacy(path, s)  # None without DP (README "Privacy")
+        s["privacy"] = run_privacy(s)  # None without DP (README "Privacy")
+        del s["dp"]  # what the privacy figures are made of: not shown as such
         return s, version
 
     def not_found(run_id: str) -> Response:

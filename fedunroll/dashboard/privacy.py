@@ -1,11 +1,12 @@
 """A run's differential privacy for the dashboard (README "Privacy"): epsilon per site and
-round, from the ``privacy`` dict of each round record (``server.privacy.round_privacy``: in
-the ``round-finished`` events of a live run, in the ``rounds`` of ``results.json`` of a
-finished one) and, once the run is over, the ``privacy`` section of ``results.json``
-(``server.privacy.privacy_summary``: accountant, budget, why the budget stopped the run).
+round, from the ``privacy`` dict of each round record (``server.privacy.round_privacy``) and,
+once the run is over, the ``privacy`` section of ``results.json``
+(``server.privacy.privacy_summary``: accountant, budget, why the budget stopped the run). Both
+come in the run's summary (``s["dp"]`` of :func:`fedunroll.events.load_run`, which reads the
+run's files and drops the rounds a resume redoes): nothing is read here.
 
 :func:`run_privacy` gives ``None`` for a run without DP (its config has neither
-``dp.enabled`` nor ``dp.site-clip``; nothing more is read then), else::
+``dp.enabled`` nor ``dp.site-clip > 0``: :func:`dp_on`), else::
 
     {"delta", "accountant", "epsilon_budget", "slice_level" (bool), "site_level" (bool),
      "round" (of the last record with privacy figures), "epsilon": {site: latest epsilon},
@@ -18,13 +19,9 @@ Only scalars the server already wrote; anything that is not a finite number is `
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
-
-from fedunroll.events import EVENTS, RESULTS, read_events
 
 
 def _num(value: Any) -> float | None:
@@ -38,50 +35,29 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def dp_on(config: Mapping[str, Any]) -> tuple[bool, bool]:
-    """``(slice_level, site_level)`` from a flat run config."""
-    enabled = config.get("dp.enabled")
-    slice_level = enabled is True or (isinstance(enabled, str) and enabled.lower() == "true")
-    site_clip = config.get("dp.site-clip")
-    if isinstance(site_clip, str):
-        try:
-            site_clip = float(site_clip)
-        except ValueError:
-            site_clip = None
-    return slice_level, bool(_num(site_clip))
+    """``(slice_level, site_level)``: ``dp.enabled`` and ``dp.site-clip > 0`` (the server's
+    rule, ``server.privacy.round_privacy``) of a flat run config as the project parses it
+    (:func:`fedunroll.report.recorded_run_config`: ``recon.config.parse_run_config``, keys of
+    other versions dropped). A config it refuses (a bad value, a foreign or partial config
+    that does not validate) counts as no DP: ``(False, False)``."""
+    from fedunroll.report import recorded_run_config  # torch, through recon.config
+    from recon.config import ConfigError
 
-
-def _records_of_events(events: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The ``round-finished`` events in round order; a resume (``run-started`` at round k)
-    drops what the killed run left after k, as :func:`fedunroll.events.summarize` does."""
-    records: dict[int, Mapping[str, Any]] = {}
-    for e in events:
-        r = e.get("round")
-        if e["type"] == "run-started":
-            start = r if isinstance(r, int) else 0
-            for k in [k for k in records if k > start]:
-                del records[k]
-        elif e["type"] == "round-finished" and isinstance(r, int):
-            records[r] = e
-    return [records[k] for k in sorted(records)]
-
-
-def _read_results(run_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads((run_dir / RESULTS).read_text())
-    except (OSError, ValueError):
-        return {}
-    return _dict(data)
+        dp = recorded_run_config(config).dp
+    except ConfigError:
+        return False, False
+    return dp.enabled, dp.site_clip > 0
 
 
 def privacy_of(
     config: Mapping[str, Any],
     records: Iterable[Mapping[str, Any]],
     section: Mapping[str, Any] | None = None,
-    upto: int | None = None,
 ) -> dict[str, Any] | None:
     """The dashboard's privacy dict (module docstring) from a flat run config, the round
     records (each with ``round`` and, with DP, ``privacy``) and the ``privacy`` section of
-    ``results.json`` (``None`` while the run lives). ``upto``: ignore records after it."""
+    ``results.json`` (``None`` while the run lives)."""
     slice_level, site_level = dp_on(config)
     section = _dict(section)
     if not (slice_level or site_level):
@@ -106,7 +82,7 @@ def privacy_of(
     for rec in records:
         r = rec.get("round")
         p = _dict(rec.get("privacy"))
-        if not isinstance(r, int) or not p or (upto is not None and r > upto):
+        if not isinstance(r, int) or not p:
             continue
         out["round"] = r
         if out["delta"] is None:
@@ -137,30 +113,23 @@ def privacy_of(
     return out
 
 
-def run_privacy(run_dir: str | Path, s: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The privacy dict of the run in ``run_dir`` whose summary is ``s``
-    (:func:`fedunroll.events.load_run`); ``None`` without DP (nothing is read then).
+def run_privacy(s: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The privacy dict of the run whose summary is ``s`` (:func:`fedunroll.events.load_run`:
+    its ``config`` and ``dp``); ``None`` without DP.
 
-    A live run: its ``round-finished`` events. A finished one also reads ``results.json``
-    for the accountant, the budget and the stop reason (only if that file covers the rounds
-    of the summary: a stale file from an earlier attempt is not believed). A run shown from
-    ``results.json``: that file's round records. Records after the summary's round are
-    ignored, so the figures match the rest of the page even if the run moved on meanwhile.
+    The round records are those of the summary's rounds (a resume's redone rounds replace the
+    killed run's). The ``results.json`` section of a run that is over (the accountant, the
+    budget, the stop reason) is believed only if it covers the rounds of the summary: a stale
+    file from an earlier attempt is not.
     """
     config = _dict(s.get("config"))
     if not any(dp_on(config)):
         return None
-    run = Path(run_dir)
-    results = _read_results(run) if (s.get("source") == "results" or not s.get("live")) else {}
-    section = _dict(results.get("privacy"))
+    dp = _dict(s.get("dp"))
+    section = _dict(dp.get("section"))
     if section and section.get("rounds") != s.get("round"):
         section = {}
-    records: list[Mapping[str, Any]]
-    if s.get("source") == "results":
-        records = [r for r in results.get("rounds") or [] if isinstance(r, dict)]
-    else:
-        records = _records_of_events(read_events(run / EVENTS))
-    return privacy_of(config, records, section or None, upto=s.get("round"))
+    return privacy_of(config, dp.get("records") or [], section or None)
 
 
 __all__ = ["dp_on", "privacy_of", "run_privacy"]
