@@ -91,6 +91,10 @@ def _summary(rows: list[dict[str, Any]], model_bytes: int, n_sites: int) -> dict
         "median_client_seconds_sum": med("client_seconds_sum"),
         "median_overhead_seconds": med("overhead_seconds"),
         "overhead_fraction": med("overhead_seconds") / med("round_seconds"),
+        # round wall time / (client compute spread over the parallel slots); target <= 1.10
+        "round_over_spread_client": statistics.median(
+            r["round_seconds"] / (r["client_seconds_sum"] / r["parallel"]) for r in steady
+        ),
         "bytes_sent_per_round": med("bytes_sent"),
         "bytes_received_per_round": med("bytes_received"),
         "model_bytes": model_bytes,

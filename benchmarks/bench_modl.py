@@ -371,8 +371,8 @@ def main() -> int:
         parts = [
             "# One MoDL training step, top 15 ops by self CPU time\n",
             f"`python benchmarks/bench_modl.py --profile {args.profile}` (torch "
-            f"{torch.__version__}, {args.threads} threads; a machine shared with other work, so "
-            "the shares matter more than the milliseconds).\n",
+            f"{torch.__version__}, {args.threads} threads; one step each, so the shares matter "
+            "more than the milliseconds).\n",
         ]
         parts += [profile_table(s, c, args.unrolls, args.cg_iters) for s, c in sizes]
         Path(args.profile).write_text("\n".join(parts))
