@@ -13,6 +13,7 @@ though ``RAY_ADDRESS`` points at it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def cluster() -> Iterator[tuple[str, ProcessGroup]]:
         agents = descendants(_raylets(group.token))  # started without the token in their env
         yield address, group
     assert not group.alive(), "Ray processes outlived the test's cluster"
+    shutil.rmtree(temp, ignore_errors=True)  # the cluster's logs and sockets
     left = [pid for pid, start in agents.items() if _stat(pid)[1] == start]
     assert not left, (
         f"the raylets' agents outlived the cluster: {[_cmdline(p).strip() for p in left]}"
