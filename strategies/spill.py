@@ -13,7 +13,6 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar, overload
 
 import numpy as np
@@ -62,17 +61,6 @@ class Scratch:
     def close(self) -> None:
         """Remove the directory and its files."""
         self._dir.cleanup()
-
-    def __enter__(self) -> Scratch:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Lazy(Sequence[T]):
