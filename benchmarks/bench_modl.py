@@ -11,8 +11,9 @@ batch 1) one fresh subprocess times, round-robin and ``--repeats`` times (median
   (forward, SSIM loss on the RSS magnitude, backward);
 * ``yardstick``: the same network written the straightforward way in this file
   (:class:`PlainMoDL`: ``torch.fft`` with ``fftshift`` / ``ifftshift``, coil expansion by
-  broadcasting, a textbook CG, ``A^H y`` in every unroll, the SSIM of a ones/n ``conv2d``), with
-  the project model's weights (its output is checked against the project's).
+  broadcasting, a textbook CG, ``A^H y`` in every unroll, the SSIM of a ones/n ``conv2d``; the
+  fastMRI U-Net's ``nn.InstanceNorm2d``, :func:`plain_unet`), with the project model's
+  weights (its output is checked against the project's).
 
 Ratios are the medians of the per-repeat ratios, so a machine shared with other work (load
 drifts between repeats) still compares like with like. Each size's peak memory is the resident
@@ -29,6 +30,7 @@ and feeds the inputs from pinned host memory.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -74,6 +76,26 @@ def plain_ssim(x: torch.Tensor, y: torch.Tensor, win: int = 7) -> torch.Tensor:
     c1, c2 = (0.01 * dr) ** 2, (0.03 * dr) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(dim=1)
+
+
+def plain_unet(net: nn.Module) -> nn.Module:
+    """A copy of the project U-Net (same layers, same weights) with the normalisation layer the
+    fastMRI reference U-Net uses, ``nn.InstanceNorm2d`` followed by the in-place LeakyReLU: the
+    U-Net as a straightforward MoDL writes it. The project computes the same normalisation as a
+    group norm (:class:`recon.models.denoisers.InstanceNorm`)."""
+    from recon.models.denoisers import InstanceNorm
+
+    plain = copy.deepcopy(net)
+    swapped = 0
+    for seq in plain.modules():
+        if isinstance(seq, nn.Sequential):
+            for i, layer in enumerate(seq):
+                if isinstance(layer, InstanceNorm):
+                    seq[i] = nn.InstanceNorm2d(layer.num_features, eps=layer.eps)
+                    swapped += 1
+    if not swapped:
+        raise RuntimeError("the project U-Net has no InstanceNorm layer to write plainly")
+    return plain
 
 
 class PlainMoDL(nn.Module):
@@ -129,7 +151,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool) -> dict[str, Any]:
+def _setup(
+    size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool, compile: bool = False
+) -> dict[str, Any]:
     from recon.data.sample import Sample
     from recon.models import build_model
     from recon.models.unrolled import MoDL, set_denoiser_autocast
@@ -154,7 +178,7 @@ def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool)
     if amp:
         set_denoiser_autocast(model, torch.bfloat16)
     denoiser = model.denoiser(0)
-    plain = PlainMoDL(denoiser.net, unrolls, cg, model.lam.log()).to(device)  # shared U-Net
+    plain = PlainMoDL(plain_unet(denoiser.net), unrolls, cg, model.lam.log()).to(device)
 
     def project_forward() -> None:
         with torch.no_grad():
@@ -191,11 +215,30 @@ def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool)
             for _ in range(unrolls):
                 denoiser.net(chans)
 
+    extra: dict[str, Any] = {}
+    if compile:  # train.compile = true: the same model with its U-Net compiled (recon.train.accel)
+        from recon.train.accel import compile_denoisers
+
+        compiled = build_model(num_unrolls=unrolls, cg_iters=cg).to(device)
+        compiled.load_state_dict(model.state_dict())
+        if amp:
+            set_denoiser_autocast(compiled, torch.bfloat16)
+        compile_denoisers(compiled)
+
+        def compiled_step() -> None:
+            compiled.zero_grad(set_to_none=True)
+            physics = SenseOp(maps, mask)
+            loss = ssim_loss(compiled(y, physics), sample, physics)  # type: ignore[arg-type]
+            loss.backward()
+
+        extra = {"compiled_step": compiled_step}  # first called after the peak is measured
+
     # the yardstick computes the same thing (checked before timing)
     with torch.no_grad():
         a = model(y, SenseOp(maps, mask))
         b = plain(y, maps, mask)
     return {
+        **extra,
         "model": model,
         "agreement": float((a - b).abs().max() / b.abs().max()),
         "fft_floor": fft_floor,
@@ -207,14 +250,23 @@ def _setup(size: int, coils: int, unrolls: int, cg: int, device: str, amp: bool)
     }
 
 
-def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: int, amp: bool):
+def run_one(
+    size: int,
+    coils: int,
+    unrolls: int,
+    cg: int,
+    device: str,
+    repeats: int,
+    amp: bool,
+    compile: bool = False,
+):
     from recon.models import count_parameters
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    bench = _setup(size, coils, unrolls, cg, device, amp)
+    bench = _setup(size, coils, unrolls, cg, device, amp, compile)
     model, agreement, project_step = bench["model"], bench["agreement"], bench["project_step"]
     base_mb = _rss_mb()
     if device == "cuda":
@@ -228,8 +280,15 @@ def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: 
         if device == "cuda"
         else _rss_mb() - base_mb
     )
-    names = ("fft_floor", "denoiser_floor", "project_forward", "yardstick_forward")
-    names += ("project_step", "yardstick_step")
+    compile_s = None
+    if compile:  # the one-off compile, timed apart (after the peak: ru_maxrss only grows)
+        t0 = time.perf_counter()
+        bench["compiled_step"]()
+        sync()
+        compile_s = time.perf_counter() - t0
+    names: tuple[str, ...] = ("fft_floor", "denoiser_floor", "project_forward")
+    names += ("yardstick_forward", "project_step", "yardstick_step")
+    names += ("compiled_step",) if compile else ()
     fns = {name: bench[name] for name in names}
     for fn in fns.values():  # warm-up
         fn()
@@ -246,6 +305,15 @@ def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: 
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
     med = {f"{name}_s": statistics.median(t) for name, t in times.items()}
+    compiled = (
+        {
+            "compile_s": compile_s,
+            "compiled_step_over_yardstick": ratio("compiled_step", "yardstick_step"),
+            "compiled_step_over_step": ratio("compiled_step", "project_step"),
+        }
+        if compile
+        else {}
+    )
     return {
         "size": size,
         "coils": coils,
@@ -274,6 +342,7 @@ def run_one(size: int, coils: int, unrolls: int, cg: int, device: str, repeats: 
         "step_over_fft_floor": ratio("project_step", "fft_floor"),
         "step_over_forward": ratio("project_step", "project_forward"),
         "peak_train_mb": peak_train,
+        **compiled,
         "times_s": times,
     }
 
@@ -315,16 +384,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = [f"{r['size']}x{r['size']}\n{r['coils']} coils" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     ax = axes[0]
-    w = 0.35
     xs = range(len(rows))
-    ax.bar([i - w / 2 for i in xs], [r["step_over_yardstick"] for r in rows], w, label="step")
-    ax.bar([i + w / 2 for i in xs], [r["forward_over_yardstick"] for r in rows], w, label="fwd")
+    bars = [("step", "step_over_yardstick"), ("fwd", "forward_over_yardstick")]
+    if "compiled_step_over_yardstick" in rows[0]:
+        bars.insert(1, ("step, train.compile", "compiled_step_over_yardstick"))
+    w = 0.8 / len(bars)
+    for j, (label, key) in enumerate(bars):
+        offset = (j - (len(bars) - 1) / 2) * w
+        ax.bar([i + offset for i in xs], [r[key] for r in rows], w, label=label)
     ax.axhline(TARGET_STEP_OVER_YARDSTICK, color="k", ls="--", lw=1, label="step target")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("time / plain PyTorch MoDL")
     ax.legend(fontsize=8)
     ax = axes[1]
+    w = 0.35
     ax.bar([i - w / 2 for i in xs], [r["forward_over_fft_floor"] for r in rows], w, label="project")
     ax.bar(
         [i + w / 2 for i in xs],
@@ -357,6 +431,11 @@ def main() -> int:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for the denoiser")
     parser.add_argument("--quick", action="store_true", help="only 64x64/4 coils, 2 repeats")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the step with train.compile = true (compile time reported apart)",
+    )
+    parser.add_argument(
         "--sizes", default="128x8,320x15", help="comma-separated SIZExCOILS (default 128x8,320x15)"
     )
     parser.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -383,8 +462,9 @@ def main() -> int:
 
         tune_malloc()  # as the fedunroll entry points do (recon/runtime.py)
         torch.set_num_threads(args.threads)
+        size, coils = args.one
         row = run_one(
-            args.one[0], args.one[1], args.unrolls, args.cg_iters, args.device, args.repeats, amp
+            size, coils, args.unrolls, args.cg_iters, args.device, args.repeats, amp, args.compile
         )
         print(json.dumps(row))
         return 0
@@ -396,6 +476,7 @@ def main() -> int:
         cmd += ["--unrolls", str(args.unrolls), "--cg-iters", str(args.cg_iters)]
         cmd += ["--repeats", str(repeats), "--threads", str(args.threads)]
         cmd += ["--amp"] if amp else []
+        cmd += ["--compile"] if args.compile else []
         print(f"[bench_modl] {size}x{size}, {coils} coils ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -410,6 +491,15 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
+        if args.compile:
+            print(
+                f"  train.compile: step {row['compiled_step_s'] * 1e3:.0f} ms = "
+                f"{row['compiled_step_over_yardstick']:.2f}x plain MoDL "
+                f"({row['compiled_step_over_step']:.2f}x eager; "
+                f"compiled in {row['compile_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     big = [r for r in rows if r["size"] >= 320]
     result = {
         "benchmark": "modl",
@@ -423,6 +513,11 @@ def main() -> int:
             "step_over_yardstick_max": TARGET_STEP_OVER_YARDSTICK,
             "forward_over_fft_floor_at_320_max": TARGET_FORWARD_OVER_FFT_AT_320,
             "step_met": all(r["step_over_yardstick"] <= TARGET_STEP_OVER_YARDSTICK for r in rows),
+            "compiled_step_met": all(
+                r["compiled_step_over_yardstick"] <= TARGET_STEP_OVER_YARDSTICK for r in rows
+            )
+            if args.compile
+            else None,
             "forward_met": bool(big)
             and all(r["forward_over_fft_floor"] <= TARGET_FORWARD_OVER_FFT_AT_320 for r in big),
         },

@@ -391,10 +391,10 @@ def ray_address(cfg: RunConfig, out: IO[str] = sys.stderr) -> str:
                 flush=True,
             )
         return "local"
-    if address != "auto":
-        host, _, port = address.rpartition(":")
+    endpoint = cfg.sim.ray_endpoint  # None for "auto"
+    if endpoint is not None:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            socket.create_connection(endpoint, timeout=5).close()
         except OSError as err:
             raise SimulationError(
                 f"sim.ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "

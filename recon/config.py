@@ -414,6 +414,15 @@ class SimSection(_Section):
             )
         return value
 
+    @property
+    def ray_endpoint(self) -> tuple[str, int] | None:
+        """``(host, port)`` of a HOST:PORT ``ray_address`` (brackets of an IPv6 host removed);
+        None for "" and "auto"."""
+        if self.ray_address in ("", "auto"):
+            return None
+        host, _, port = self.ray_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "strategy": StrategySection,
@@ -544,6 +553,11 @@ class RunConfig(BaseModel):
                 raise ValueError(why)
             if self.train.grad_clip is not None:
                 raise ValueError("train.grad-clip does not combine with dp.enabled (dp.clip clips)")
+            if self.train.compile or self.train.precision != "fp32":
+                raise ValueError(
+                    'train.compile and train.precision = "bf16" do not combine with dp.enabled '
+                    "(DP-SGD's per-slice gradients run the CNN eagerly, in float32)"
+                )
             if dp.noise_multiplier <= 0:
                 raise ValueError(
                     "dp.enabled with dp.noise-multiplier = 0 clips but adds no noise: epsilon is "

@@ -34,7 +34,8 @@ from server import checkpoint, results
 from server import nas as nas_phase
 from server.events import RunEvents
 from server.federation import Federation, Progress, robust_options
-from server.personalize import TrainingGrid, personalization_phase
+from server.grid import TrainingGrid
+from server.personalize import personalization_phase
 from server.privacy import privacy_summary
 from strategies.flower import build_strategy
 from strategies.protocol import to_record

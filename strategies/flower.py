@@ -630,7 +630,7 @@ class _Base(_FlowerFedAvg):
         connected sites, which is by site name once the nodes are named: a resumed run samples
         the same sites even where its nodes got new ids (a restarted Ray simulation). The
         ServerApp names every node before the first draw when sampling is partial (it asks
-        each new node ``query.site``, :class:`server.personalize.TrainingGrid`); all nodes
+        each new node ``query.site``, :class:`server.grid.TrainingGrid`); all nodes
         (``fraction`` 1) use no draw.
         """
         all_nodes = self._draw_order(grid.get_node_ids())

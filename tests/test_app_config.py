@@ -77,12 +77,23 @@ def test_namespaced_values_reach_their_section() -> None:
         ({"data.crop": "320x"}, "'data.crop'"),
         ({"min-fit-clients": 3, "min-available-clients": 2}, "min-available-clients"),
         ({"min-fit-clients": 5, "min-available-clients": 5}, "data.num-sites"),
+        ({"sim.ray-address": "ray://head:10001"}, "'sim.ray-address'"),
+        ({"sim.ray-address": "head:port"}, "is not HOST:PORT"),
+        ({"sim.ray-address": "head:70000"}, "is not HOST:PORT"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(flat, named) -> None:
     with pytest.raises(ConfigError) as err:
         parse_run_config(flat)
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "endpoint"),
+    [("", None), ("auto", None), (" head:6379 ", ("head", 6379)), ("[::1]:6380", ("::1", 6380))],
+)
+def test_ray_address_is_parsed_once_into_the_endpoint_simulate_checks(address, endpoint) -> None:
+    assert parse_run_config({"sim.ray-address": address}).sim.ray_endpoint == endpoint
 
 
 def test_config_is_frozen() -> None:

@@ -26,7 +26,8 @@ from client.app import app as client_app
 from recon.config import ConfigError, parse_run_config
 from server import checkpoint
 from server.app import run_federation
-from server.personalize import TrainingGrid, personalization_phase
+from server.grid import TrainingGrid
+from server.personalize import personalization_phase
 from server.results import validate_results
 from strategies.flower import FedAvg, SiteNames, build_strategy
 from strategies.protocol import (

@@ -87,3 +87,41 @@ def test_unknown_config_keys_and_values_are_rejected() -> None:
         ModelConfig(num_unroll=3)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="denoiser"):
         ModelConfig(denoiser="transformer")  # type: ignore[arg-type]
+
+
+def test_unet_normalisation_is_instance_norm_in_values_and_gradients() -> None:
+    """The U-Net's norm layers compute ``nn.InstanceNorm2d`` (no affine, no running stats), so a
+    checkpoint means what it meant with the textbook layer: same outputs and gradients, per image
+    of a batch, on a size the U-Net pads."""
+    import copy
+
+    from torch import nn
+
+    from recon.models.denoisers import InstanceNorm, UNet
+
+    torch.manual_seed(0)
+    net = UNet()
+    textbook = copy.deepcopy(net)
+    swapped = 0
+    for seq in textbook.modules():
+        if isinstance(seq, nn.Sequential):
+            for i, layer in enumerate(seq):
+                if isinstance(layer, InstanceNorm):
+                    seq[i] = nn.InstanceNorm2d(layer.num_features)
+                    swapped += 1
+    assert swapped == 17  # 7 conv blocks with 2 each, 3 upsampling blocks with 1
+    assert net.state_dict().keys() == textbook.state_dict().keys()
+    x = torch.randn(3, 2, 37, 44) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = net(xa), textbook(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(ya)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    # float rounding differs (a different reduction order), so compare gradients as vectors
+    pairs = [(xa.grad, xb.grad)] + [
+        (a.grad, b.grad) for a, b in zip(net.parameters(), textbook.parameters(), strict=True)
+    ]
+    for ga, gb in pairs:
+        assert ga is not None and gb is not None
+        assert float((ga - gb).norm() / gb.norm()) < 1e-5

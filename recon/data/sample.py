@@ -48,13 +48,23 @@ class Sample:
         return SenseOp(self.maps, self.mask)
 
     def to(self, device: torch.device | str) -> Sample:
+        """This sample on ``device``. Host tensors bound for a GPU go through pinned memory
+        and are copied asynchronously (the copy overlaps the host's work until a kernel
+        needs the data; PyTorch keeps the pinned buffer until the copy is done)."""
+        target = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if target.type == "cuda" and t.device.type == "cpu":
+                return t.pin_memory().to(target, non_blocking=True)
+            return t.to(target)
+
         return Sample(
-            self.kspace.to(device),
-            self.mask.to(device),
-            self.maps.to(device),
-            self.target.to(device),
+            move(self.kspace),
+            move(self.mask),
+            move(self.maps),
+            move(self.target),
             dict(self.meta),
-            None if self.image is None else self.image.to(device),
+            None if self.image is None else move(self.image),
         )
 
 

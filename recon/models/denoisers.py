@@ -21,6 +21,27 @@ def channels_to_complex(x: torch.Tensor) -> torch.Tensor:
     return torch.complex(x[:, 0], x[:, 1])
 
 
+class InstanceNorm(nn.Module):
+    """Instance norm with ``nn.InstanceNorm2d``'s defaults (no affine, no running statistics).
+
+    Computed as group norm with one group per channel, the same normalisation over each image's
+    ``H x W`` per channel. ``F.instance_norm`` reshapes to a batch norm and hands back a view, and
+    the in-place LeakyReLU that follows then costs autograd a copy of it: this form makes a U-Net
+    forward + backward 12-20% faster on CPU (``benchmarks/bench_modl.py``). It holds no state,
+    so checkpoints are unchanged.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_features, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
 class _ConvBlock(nn.Module):
     """Two 3x3 convs, each followed by instance norm and LeakyReLU (fastMRI U-Net block)."""
 
@@ -28,10 +49,10 @@ class _ConvBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
-            nn.InstanceNorm2d(out_ch),
+            InstanceNorm(out_ch),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False),
-            nn.InstanceNorm2d(out_ch),
+            InstanceNorm(out_ch),
             nn.LeakyReLU(0.2, inplace=True),
         )
 
@@ -46,7 +67,7 @@ class _UpBlock(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2, bias=False),
-            nn.InstanceNorm2d(out_ch),
+            InstanceNorm(out_ch),
             nn.LeakyReLU(0.2, inplace=True),
         )
 

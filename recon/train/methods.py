@@ -18,6 +18,7 @@ import torch
 
 from recon.data.sample import Slices
 from recon.models.unrolled import Unrolled
+from recon.train.accel import prepare
 from recon.train.checkpointing import train_checkpointed
 from recon.train.gleam import train_gleam
 from recon.train.layerwise import train_layerwise
@@ -115,6 +116,7 @@ def local_train(
         raise TypeError(
             f"training method {method!r} got unknown options {unknown}; allowed: {allowed}"
         )
+    prepare(model, cfg.compile, cfg.precision)  # train.compile / train.precision, every method
     if dp is not None:  # slice-level DP-SGD (recon.train.privacy): e2e and checkpoint only
         return train_dp(method, model, dataset, cfg, dp, device, hooks, progress)
     if method == "e2e":
