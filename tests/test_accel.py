@@ -50,7 +50,11 @@ def test_compiled_training_matches_eager_and_keeps_the_checkpoint_format(fresh_d
         torch.testing.assert_close(state[k], v, rtol=1e-3, atol=1e-5, msg=k)
     fresh = small_unet_modl()  # an eager model takes the compiled one's weights unchanged
     fresh.load_state_dict(state)
+    from torch._dynamo.utils import counters
+
+    compiled_frames = counters["frames"]["ok"]
     assert evaluate(model, DATA).psnr == pytest.approx(evaluate(fresh, DATA).psnr, abs=1e-3)
+    assert counters["frames"]["ok"] == compiled_frames  # evaluation compiled no second graph
 
 
 @pytest.mark.slow

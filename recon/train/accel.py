@@ -6,9 +6,9 @@ module keeps its parameter names; autocast is a run-time setting):
 * ``compile``: :func:`torch.compile` (inductor) of every denoiser CNN. The physics stays eager (its
   complex FFT operators and hand-written adjoints gain nothing from tracing). A compiled CNN is
   reused by every model of the same structure in the process, so it is paid once per process and
-  image size: tens of seconds on a CPU for the training graph and again for evaluation, less once
-  inductor's on-disk cache holds it. If compiling fails (no C++ compiler, an unsupported op),
-  PyTorch logs why and runs that CNN eagerly.
+  image size: tens of seconds on a CPU, less once inductor's on-disk cache holds it. Evaluation
+  runs it eagerly (:func:`recon.train.trainer.evaluate`). If compiling fails (no C++ compiler, an
+  unsupported op), PyTorch logs why and runs that CNN eagerly.
 * ``precision = "bf16"``: the CNN under ``torch.autocast`` in bfloat16; FFTs, CG and the loss stay
   float32 (:func:`recon.models.unrolled.set_denoiser_autocast`). Meant for GPUs.
 """
