@@ -39,6 +39,7 @@ from recon.data.dataset import crop_text, parse_crop
 from recon.models import ModelConfig
 from recon.runtime import resolve_device
 from recon.train import TrainConfig
+from recon.train.accel import dp_refusal as accel_dp_refusal
 from recon.train.methods import check_method, method_options
 from recon.train.privacy import refusal as privacy_refusal
 
@@ -553,11 +554,9 @@ class RunConfig(BaseModel):
                 raise ValueError(why)
             if self.train.grad_clip is not None:
                 raise ValueError("train.grad-clip does not combine with dp.enabled (dp.clip clips)")
-            if self.train.compile or self.train.precision != "fp32":
-                raise ValueError(
-                    'train.compile and train.precision = "bf16" do not combine with dp.enabled '
-                    "(DP-SGD's per-slice gradients run the CNN eagerly, in float32)"
-                )
+            why = accel_dp_refusal(self.train.compile, self.train.precision)
+            if why is not None:
+                raise ValueError(why)
             if dp.noise_multiplier <= 0:
                 raise ValueError(
                     "dp.enabled with dp.noise-multiplier = 0 clips but adds no noise: epsilon is "

@@ -109,3 +109,15 @@ def test_gpu_training_in_bf16_from_pinned_samples_follows_the_cpu_course() -> No
     cfg = TrainConfig(steps=3, precision="bf16")
     gpu = local_train("e2e", model, DATA, cfg, device="cuda", progress=False).losses
     assert gpu == pytest.approx(cpu, rel=0.05)
+
+
+@pytest.mark.parametrize(("compile", "precision"), [(True, "fp32"), (False, "bf16")])
+def test_dp_training_through_the_python_api_refuses_them_too(compile: bool, precision: str) -> None:
+    from recon.train.privacy import DPSGD
+
+    dp = DPSGD(clip=1.0, noise_multiplier=1.0, sample_rate=0.5, noise_seed=0)
+    cfg = TrainConfig(steps=1, compile=compile, precision=precision)
+    model = small_unet_modl()
+    with pytest.raises(ValueError, match="do not combine with dp.enabled"):
+        local_train("e2e", model, DATA, cfg, progress=False, dp=dp)
+    assert model.denoiser_autocast is None  # refused before anything was applied

@@ -40,6 +40,17 @@ def compile_denoisers(model: nn.Module) -> int:
     return count
 
 
+def dp_refusal(compile: bool, precision: str) -> str | None:
+    """Why DP-SGD refuses these settings (None if it does not): its per-slice gradients run the
+    CNN eagerly in float32, so neither would hold."""
+    if compile or precision != "fp32":
+        return (
+            'train.compile and train.precision = "bf16" do not combine with dp.enabled '
+            "(DP-SGD's per-slice gradients run the CNN eagerly, in float32)"
+        )
+    return None
+
+
 def prepare(model: nn.Module, compile: bool, precision: str) -> None:
     """Apply ``train.compile`` and ``train.precision`` to ``model`` (idempotent)."""
     if precision not in PRECISIONS:

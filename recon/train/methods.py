@@ -18,7 +18,7 @@ import torch
 
 from recon.data.sample import Slices
 from recon.models.unrolled import Unrolled
-from recon.train.accel import prepare
+from recon.train.accel import dp_refusal, prepare
 from recon.train.checkpointing import train_checkpointed
 from recon.train.gleam import train_gleam
 from recon.train.layerwise import train_layerwise
@@ -116,6 +116,8 @@ def local_train(
         raise TypeError(
             f"training method {method!r} got unknown options {unknown}; allowed: {allowed}"
         )
+    if dp is not None and (why := dp_refusal(cfg.compile, cfg.precision)) is not None:
+        raise ValueError(why)
     prepare(model, cfg.compile, cfg.precision)  # train.compile / train.precision, every method
     if dp is not None:  # slice-level DP-SGD (recon.train.privacy): e2e and checkpoint only
         return train_dp(method, model, dataset, cfg, dp, device, hooks, progress)
