@@ -184,11 +184,16 @@ def _setup(
         with torch.no_grad():
             model(y, SenseOp(maps, mask))
 
-    def project_step() -> None:
-        model.zero_grad(set_to_none=True)
-        physics = SenseOp(maps, mask)  # built per batch, as the trainer does
-        loss = ssim_loss(model(y, physics), sample, physics)  # type: ignore[arg-type]
-        loss.backward()
+    def step_of(net: nn.Module) -> Any:
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            physics = SenseOp(maps, mask)  # built per batch, as the trainer does
+            loss = ssim_loss(net(y, physics), sample, physics)  # type: ignore[arg-type]
+            loss.backward()
+
+        return step
+
+    project_step = step_of(model)
 
     def plain_forward() -> None:
         with torch.no_grad():
@@ -224,14 +229,7 @@ def _setup(
         if amp:
             set_denoiser_autocast(compiled, torch.bfloat16)
         compile_denoisers(compiled)
-
-        def compiled_step() -> None:
-            compiled.zero_grad(set_to_none=True)
-            physics = SenseOp(maps, mask)
-            loss = ssim_loss(compiled(y, physics), sample, physics)  # type: ignore[arg-type]
-            loss.backward()
-
-        extra = {"compiled_step": compiled_step}  # first called after the peak is measured
+        extra = {"compiled_step": step_of(compiled)}  # first called after the peak is measured
 
     # the yardstick computes the same thing (checked before timing)
     with torch.no_grad():
